@@ -1,0 +1,1 @@
+"""Meta-test benchmarks of flatopt's learned optimizers against classic baselines."""

@@ -1,0 +1,193 @@
+"""``LearnedOptimizer``: a ``torch.optim.Optimizer`` whose update rule is a meta-trained network."""
+
+import logging
+import warnings
+
+import torch
+
+from .weights import DEFAULT_WEIGHTS, load_release
+
+logger = logging.getLogger(__name__)
+
+# Coordinates pushed through the update rule at once: bounds the step's temporaries to a few MB
+# whatever the model size, while keeping each matrix multiply large enough to be efficient.
+_CHUNK = 1 << 15
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """Train with a learned update rule, as a drop-in ``torch.optim`` optimizer.
+
+    Every coordinate of every parameter is fed, with its own recurrent state, through the same small
+    network, whose output ``u`` is the update. With decoupled weight decay the step is::
+
+        p <- p * (1 - lr * weight_decay) + lr * u
+
+    so ``lr`` scales the learned step (``1.0`` is the step the network was meta-trained to take) and
+    learning-rate schedulers work as usual. A parameter whose gradient, or whose learned update,
+    contains a non-finite value is left untouched for that step, with its recurrent state kept as it
+    was, and a warning names it.
+
+    Args:
+        params: Iterable of parameters or of parameter-group dicts.
+        weights: Which learned optimizer to run: a bundled release name (see
+            :func:`flatopt.list_pretrained`), a local release folder or file, or a Hugging Face Hub id
+            ``owner/name[@revision]``. Defaults to the recommended bundled release. An update-rule
+            module (e.g. one being meta-trained) is also accepted and used as is, without a copy.
+        lr: Multiplier of the learned update.
+        weight_decay: Decoupled weight decay coefficient.
+        maximize: Maximise the objective instead of minimising it.
+
+    Raises:
+        ValueError: For a negative ``lr`` or ``weight_decay``, or weights that cannot be loaded.
+    """
+
+    def __init__(self, params, weights=DEFAULT_WEIGHTS, *, lr=1.0, weight_decay=0.0, maximize=False):
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}; it must be >= 0")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}; it must be >= 0")
+        if isinstance(weights, torch.nn.Module):
+            update_rule, config = weights, {"name": "<in-memory>", "update_rule": weights.config()}
+        else:
+            update_rule, config = load_release(weights)
+        defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults)
+        self.update_rule = update_rule
+        self.release_config = config
+
+    def __repr__(self):
+        name = self.release_config.get("name", "<unnamed>")
+        return f"{super().__repr__()[:-2]}\n    weights: {name}\n)"
+
+    def load_state_dict(self, state_dict):
+        """Load optimizer state saved by :meth:`state_dict`, after checking that it fits.
+
+        The recurrent state keeps its own float32 dtype whatever the parameters' dtype, and moves to
+        each parameter's device.
+
+        Raises:
+            ValueError: If the state was saved by another optimizer, for other parameters, or by a
+                release with another state size; nothing is loaded then.
+        """
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(saved_ids) != len(params):
+            return super().load_state_dict(state_dict)  # raises its own clear error
+        recurrent = {}
+        for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
+            entry = state_dict["state"].get(saved_id)
+            if entry is not None:
+                recurrent[index] = self._checked_recurrent_state(index, p, entry)
+
+        super().load_state_dict(state_dict)
+
+        for index, p in enumerate(params):
+            if index in recurrent:
+                self.state[p]["lstm_state"] = recurrent[index].to(p.device, torch.float32, copy=True)
+
+    def _checked_recurrent_state(self, index, p, entry):
+        expected = (_as_real(p).numel(), self.update_rule.state_size)
+        if set(entry) != {"step", "lstm_state"}:
+            raise ValueError(
+                f"optimizer state of parameter {index} has keys {sorted(entry)}, expected "
+                "['lstm_state', 'step']: this state dict was not saved by a LearnedOptimizer"
+            )
+        value = entry["lstm_state"]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"optimizer state of parameter {index} (shape {tuple(p.shape)}) holds a recurrent "
+                f"state of shape {shape}, expected {expected}: the state dict was saved for another "
+                "model or with another release's weights"
+            )
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise ValueError(f"optimizer state of parameter {index} is not finite floating point")
+        return value
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step.
+
+        Args:
+            closure: Optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The loss returned by ``closure``, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params, grads, states = self._gather(group)
+            if not params:
+                continue
+
+            updates, new_states, finite = self._apply_update_rule(grads, states)
+
+            self._write_back(group, params, updates, new_states, finite)
+
+        return loss
+
+    def _gather(self, group):
+        params, grads, states = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("LearnedOptimizer does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["lstm_state"] = self.update_rule.initial_state(p.numel(), device=p.device)
+            grad = _as_real(p.grad).reshape(-1).to(torch.float32)
+            params.append(p)
+            grads.append(-grad if group["maximize"] else grad)
+            states.append(state)
+        return params, grads, states
+
+    def _apply_update_rule(self, grads, states):
+        # A non-finite gradient is replaced by zero before the network sees it, so that it cannot
+        # poison the shared batch; the whole tensor's update is discarded afterwards.
+        finite = [torch.isfinite(g).all() for g in grads]
+        grad = torch.cat([torch.where(ok, g, torch.zeros_like(g)) for ok, g in zip(finite, grads)])
+        state = torch.cat([s["lstm_state"] for s in states])
+        rule = self.update_rule.to(grad.device)
+
+        update = torch.empty_like(grad)
+        new_state = torch.empty_like(state)
+        for start in range(0, grad.numel(), _CHUNK):
+            end = start + _CHUNK
+            update[start:end], new_state[start:end] = rule(grad[start:end], state[start:end])
+
+        updates = update.split([g.numel() for g in grads])
+        new_states = new_state.split([g.numel() for g in grads])
+        finite = [ok & torch.isfinite(u).all() for ok, u in zip(finite, updates)]
+        return updates, new_states, finite
+
+    def _write_back(self, group, params, updates, new_states, finite):
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        for index, (p, update, new_state, ok) in enumerate(zip(params, updates, new_states, finite)):
+            state = self.state[p]
+            if p.device.type == "cpu" and not ok:
+                # Reporting needs the flag on the host, which is free on the CPU only.
+                warnings.warn(
+                    f"LearnedOptimizer: skipped the update of parameter {index} of a group "
+                    f"(shape {tuple(p.shape)}) because its gradient or learned update is not finite; "
+                    "the parameter and its optimizer state are unchanged.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            state["lstm_state"].copy_(torch.where(ok, new_state, state["lstm_state"]))
+            state["step"] += ok.to(torch.float32)
+            delta = torch.where(ok, update, torch.zeros_like(update)).view_as(_as_real(p))
+            target = _as_real(p)
+            if weight_decay != 0:
+                target.mul_(torch.where(ok, 1 - lr * weight_decay, 1.0).to(target.dtype))
+            target.add_(delta.to(target.dtype), alpha=lr)
+
+
+def _as_real(tensor):
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor

@@ -1,0 +1,38 @@
+"""The meta-test benchmark on real MNIST."""
+
+import json
+
+import pytest
+
+import flatopt
+from benchmarks.__main__ import main
+from benchmarks.run import format_table, run_benchmark, write_outputs
+
+
+def test_short_benchmark_writes_json_png_and_table(mnist, tmp_path):
+    report = run_benchmark(["sgd", "adam", "dm"], steps=40, seeds=2, eval_every=20)
+    json_path, png_path = write_outputs(report, tmp_path)
+
+    saved = json.loads(json_path.read_text())
+    assert set(saved["results"]) == {"sgd", "adam", "dm"}
+    for result in saved["results"].values():
+        assert len(result["runs"]) == 2
+        for run in result["runs"]:
+            assert len(run["train_loss"]) == 40
+            assert run["eval_steps"] == [20, 40]
+        # 40 steps already beat chance (10%) clearly for every optimizer.
+        assert result["summary"]["test_accuracy_mean"] > 0.3
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = format_table(report)
+    assert "| dm |" in table and "| adam |" in table
+
+
+def test_bundled_dm_reaches_90_percent_on_mlp_relu(mnist):
+    report = run_benchmark(["dm"], steps=1000, seeds=1, eval_every=1000)
+    assert report["results"]["dm"]["summary"]["test_accuracy_mean"] >= 0.90
+
+
+def test_unknown_optimizer_fails_before_training(capsys):
+    with pytest.raises(ValueError, match="unknown weights"):
+        main(["run", "--optimizers", "sgd", "no-such-optimizer", "--steps", "1"])
+    assert flatopt.list_pretrained()

@@ -1,0 +1,207 @@
+"""LearnedOptimizer as a torch.optim optimizer: steps, state, resume and guards."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+import flatopt
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+
+def train_steps(model, opt, steps, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, 6, generator=generator)
+        y = torch.randint(0, 3, (8,), generator=generator)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_default_weights_are_the_bundled_release():
+    assert flatopt.DEFAULT_WEIGHTS in flatopt.list_pretrained()
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters())
+    assert opt.release_config["name"] == flatopt.DEFAULT_WEIGHTS
+    before = [p.detach().clone() for p in model.parameters()]
+    train_steps(model, opt, 3)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_training_reduces_loss_with_bundled_weights():
+    torch.manual_seed(0)
+    x = torch.randn(256, 6)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters(), "dm")
+    losses = []
+    for _ in range(200):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_lr_zero_leaves_parameters_unchanged_but_advances_state():
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters(), lr=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    train_steps(model, opt, 5)
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+    first = next(model.parameters())
+    assert opt.state[first]["step"].item() == 5
+    assert opt.state[first]["lstm_state"].abs().sum() > 0
+
+
+def test_parameters_without_gradients_are_skipped():
+    model = make_model()
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    opt = flatopt.LearnedOptimizer(model.parameters())
+    before = frozen.detach().clone()
+    train_steps(model, opt, 3)
+    assert torch.equal(before, frozen)
+    assert frozen not in opt.state
+    assert opt.state[model[2].weight]["step"].item() == 3
+
+
+def test_state_dict_round_trip_resumes_bit_identically():
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters(), weight_decay=0.01)
+    train_steps(model, opt, 4, seed=1)
+
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model = make_model(seed=123)
+    resumed_model.load_state_dict(saved["model"])
+    resumed_opt = flatopt.LearnedOptimizer(resumed_model.parameters(), weight_decay=0.01)
+    resumed_opt.load_state_dict(saved["opt"])
+
+    train_steps(model, opt, 6, seed=2)
+    train_steps(resumed_model, resumed_opt, 6, seed=2)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(opt.state[a]["lstm_state"], resumed_opt.state[b]["lstm_state"])
+
+
+def test_recurrent_state_stays_float32_for_half_precision_parameters():
+    model = make_model().to(torch.bfloat16)
+    opt = flatopt.LearnedOptimizer(model.parameters())
+    x = torch.randn(8, 6, dtype=torch.bfloat16)
+    model(x).sum().backward()
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    for p in model.parameters():
+        assert p.dtype == torch.bfloat16
+        assert opt.state[p]["lstm_state"].dtype == torch.float32
+
+
+def test_weight_decay_is_decoupled_and_maximize_flips_the_gradient():
+    param = torch.nn.Parameter(torch.full((4,), 2.0))
+    grad = torch.tensor([0.1, -0.2, 0.3, -0.4])
+
+    plain = torch.nn.Parameter(param.detach().clone())
+    plain.grad = grad.clone()
+    flatopt.LearnedOptimizer([plain], lr=0.5).step()
+    decayed = torch.nn.Parameter(param.detach().clone())
+    decayed.grad = grad.clone()
+    flatopt.LearnedOptimizer([decayed], lr=0.5, weight_decay=0.2).step()
+    torch.testing.assert_close(decayed, plain - 0.5 * 0.2 * 2.0)
+
+    maximized = torch.nn.Parameter(param.detach().clone())
+    maximized.grad = -grad
+    flatopt.LearnedOptimizer([maximized], lr=0.5, maximize=True).step()
+    torch.testing.assert_close(maximized, plain)
+
+
+def test_non_finite_gradient_never_reaches_parameter_or_state():
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters())
+    train_steps(model, opt, 2)
+    bad, good = model[0].weight, model[2].weight
+    bad_before, bad_state = bad.detach().clone(), opt.state[bad]["lstm_state"].clone()
+    good_before = good.detach().clone()
+
+    model(torch.randn(4, 6)).sum().backward()
+    bad.grad[0, 0] = float("nan")
+    bad.grad[1, 1] = float("inf")
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        opt.step()
+    assert torch.equal(bad, bad_before)
+    assert torch.equal(opt.state[bad]["lstm_state"], bad_state)
+    assert opt.state[bad]["step"].item() == 2
+    assert not torch.equal(good, good_before)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_state_dict_of_another_optimizer_is_refused_without_change():
+    model = make_model()
+    adam = torch.optim.Adam(model.parameters())
+    train_steps(model, adam, 1)
+    opt = flatopt.LearnedOptimizer(model.parameters())
+    train_steps(model, opt, 1)
+    snapshot = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="not saved by a LearnedOptimizer"):
+        opt.load_state_dict(adam.state_dict())
+    for a, b in zip(snapshot["state"].values(), opt.state_dict()["state"].values()):
+        assert torch.equal(a["lstm_state"], b["lstm_state"])
+
+
+def test_state_dict_for_other_shapes_is_refused():
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters())
+    train_steps(model, opt, 1)
+    other = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    other_opt = flatopt.LearnedOptimizer(other.parameters())
+    with pytest.raises(ValueError, match="another model"):
+        other_opt.load_state_dict(opt.state_dict())
+    assert not other_opt.state
+
+
+@pytest.mark.parametrize("kwargs, message", [({"lr": -1.0}, "learning rate"),
+                                             ({"weight_decay": -0.1}, "weight_decay")])
+def test_invalid_hyperparameters_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        flatopt.LearnedOptimizer(make_model().parameters(), **kwargs)
+
+
+def test_step_with_closure_returns_loss():
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters())
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+
+
+def test_all_coordinates_share_one_network_call(monkeypatch):
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters())
+    calls = []
+    original = type(opt.update_rule).forward
+
+    def counting(self, grad, state):
+        calls.append(grad.numel())
+        return original(self, grad, state)
+
+    monkeypatch.setattr(type(opt.update_rule), "forward", counting)
+    train_steps(model, opt, 1)
+    assert calls == [sum(p.numel() for p in model.parameters())]

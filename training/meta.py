@@ -1,0 +1,355 @@
+"""Meta-training of a coordinate-wise update rule by truncated backpropagation through unrolls.
+
+The recipe follows L2O-DM (Andrychowicz et al. 2016) with the imitation warm start of L2O-DM-CL
+(Chen et al. 2020): the update rule first regresses onto an Adam teacher's steps along the teacher's
+own trajectory, then is meta-trained on the mean optimizee loss over truncated unrolls. As in L2O-DM,
+the optimizee's gradient is treated as a constant input (no second derivatives through it); the
+meta-gradient flows through the parameter updates and the recurrent state.
+
+The trainer writes a checkpoint after every epoch (atomically) and resumes from it exactly, logs one
+JSON line per epoch and validation, and keeps the update rule with the best validation score.
+"""
+
+import json
+import math
+import pathlib
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import flatopt
+
+from .optimizees import ClassificationTask, mlp, train_and_evaluate
+
+
+@dataclass
+class Recipe:
+    """Everything that determines a meta-training run (recorded in the release's provenance).
+
+    Attributes:
+        seed: Seed of every random draw of the run.
+        hidden_size: LSTM units per layer.
+        preprocess_p: Gradient preprocessing constant.
+        output_scale: Fixed factor on the update rule's read-out.
+        batch_size: Optimizee minibatch size.
+        unroll_length: Optimizee steps per truncated unroll (one meta-update each).
+        imitation_epochs: Epochs of regression onto the Adam teacher.
+        imitation_unrolls: Unrolls per imitation epoch (a fresh optimizee each epoch).
+        imitation_activations: Optimizee activations cycled through epoch by epoch during imitation.
+        teacher_lr: Adam teacher's learning rate.
+        meta_epochs: Epochs of meta-training on the unrolled optimizee loss.
+        meta_unrolls: Unrolls per meta-training epoch (a fresh optimizee each epoch).
+        meta_activation: Optimizee activation during meta-training.
+        imitation_meta_lr: Adam learning rate on the update rule during imitation.
+        meta_lr: Adam learning rate on the update rule during meta-training.
+        max_grad_norm: Clip of the meta-gradient norm.
+        validate_every: Meta-training epochs between validations.
+        validation_steps: Optimizee steps of each validation run.
+        validation_seeds: Optimizees per validation.
+    """
+
+    seed: int = 0
+    hidden_size: int = 20
+    preprocess_p: float = 10.0
+    output_scale: float = 0.1
+    batch_size: int = 128
+    unroll_length: int = 20
+    imitation_epochs: int = 60
+    imitation_unrolls: int = 10
+    imitation_activations: list = field(default_factory=lambda: ["sigmoid", "relu"])
+    teacher_lr: float = 0.01
+    meta_epochs: int = 60
+    meta_unrolls: int = 5
+    meta_activation: str = "sigmoid"
+    imitation_meta_lr: float = 3e-3
+    meta_lr: float = 1e-4
+    max_grad_norm: float = 1.0
+    validate_every: int = 10
+    validation_steps: int = 300
+    validation_seeds: int = 2
+
+
+def mnist_tasks(dataset, activation, batch_size, validation_size=10000):
+    """The MNIST MLP optimizee, training on the training split minus a held-out validation part.
+
+    Args:
+        dataset: An :class:`training.data.ImageDataset`.
+        activation: Hidden activation of the 784-20-10 MLP.
+        batch_size: Minibatch size.
+        validation_size: Training images held out to validate update rules (never the test set).
+
+    Returns:
+        A :class:`ClassificationTask` scored on the held-out images.
+    """
+    split = len(dataset.train_labels) - validation_size
+    return ClassificationTask(
+        make_model=lambda: mlp(20, activation),
+        train_images=dataset.train_images[:split],
+        train_labels=dataset.train_labels[:split],
+        eval_images=dataset.train_images[split:],
+        eval_labels=dataset.train_labels[split:],
+        batch_size=batch_size,
+        name=f"mnist-mlp-{activation}",
+    )
+
+
+def imitation_unroll(update_rule, task, params, teacher, rule_state, generator, steps, teacher_lr):
+    """Regress the update rule onto Adam's steps along Adam's own trajectory for ``steps`` steps.
+
+    Args:
+        update_rule: The update rule being trained.
+        task: The optimizee.
+        params: Dict of the teacher's current optimizee parameters (advanced in place).
+        teacher: Dict with Adam's ``m``, ``v`` (flat tensors) and ``t`` (int), advanced in place.
+        rule_state: The update rule's recurrent state ``(N, state_size)``, detached.
+        generator: Draws the minibatches.
+        steps: Unroll length.
+        teacher_lr: Adam's learning rate.
+
+    Returns:
+        ``(loss, rule_state)``: the relative squared error ``sum |u - d|^2 / sum |d|^2`` over the
+        unroll (differentiable in the rule's weights; 1 means no better than predicting zero), and
+        the new recurrent state, detached.
+    """
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    error, reference = 0.0, 0.0
+    names = list(params)
+    for _ in range(steps):
+        images, labels = task.sample_batch(generator)
+        values = [params[n].requires_grad_(True) for n in names]
+        grads = torch.autograd.grad(task.loss(dict(zip(names, values)), images, labels), values)
+        grad = torch.cat([g.reshape(-1) for g in grads])
+
+        teacher["t"] += 1
+        teacher["m"].mul_(beta1).add_(grad, alpha=1 - beta1)
+        teacher["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        m_hat = teacher["m"] / (1 - beta1 ** teacher["t"])
+        v_hat = teacher["v"] / (1 - beta2 ** teacher["t"])
+        target = -teacher_lr * m_hat / (v_hat.sqrt() + eps)
+
+        update, rule_state = update_rule(grad, rule_state)
+        error = error + (update - target).pow(2).sum()
+        reference = reference + target.pow(2).sum()
+        _add_flat_(params, target)
+    return error / reference, rule_state.detach()
+
+
+def meta_unroll(update_rule, task, params, rule_state, generator, steps):
+    """Apply the update rule for ``steps`` optimizee steps and return the differentiable meta-loss.
+
+    Args:
+        update_rule: The update rule being trained.
+        task: The optimizee.
+        params: Dict of detached optimizee parameters at the start of the unroll.
+        rule_state: Recurrent state ``(N, state_size)``, detached.
+        generator: Draws the minibatches.
+        steps: Unroll length.
+
+    Returns:
+        ``(meta_loss, params, rule_state)``: the mean optimizee loss over the unroll (differentiable
+        in the rule's weights) and the detached parameters and state at its end.
+    """
+    names = list(params)
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    current = {n: params[n].detach().requires_grad_(True) for n in names}
+    total = 0.0
+    for _ in range(steps):
+        images, labels = task.sample_batch(generator)
+        loss = task.loss(current, images, labels)
+        # The gradient enters as data: no second derivatives, as in L2O-DM.
+        grads = torch.autograd.grad(loss, list(current.values()), retain_graph=True)
+        grad = torch.cat([g.reshape(-1) for g in grads]).detach()
+        update, rule_state = update_rule(grad, rule_state)
+        current = {
+            n: current[n] + u.view(shape)
+            for n, u, shape in zip(names, update.split(sizes), shapes)
+        }
+        total = total + loss
+    final = {n: v.detach() for n, v in current.items()}
+    return total / steps, final, rule_state.detach()
+
+
+def validate(update_rule, task, steps, seeds):
+    """Score an update rule by training fresh optimizees with it on held-out data.
+
+    Returns:
+        Dict with the mean final held-out ``loss`` and ``accuracy`` over ``seeds`` (lower loss
+        is better; a diverged run scores ``inf``).
+    """
+    losses, accuracies = [], []
+    for seed in seeds:
+        curves = train_and_evaluate(task, lambda p: flatopt.LearnedOptimizer(p, update_rule), steps, seed)
+        losses.append(math.inf if curves["diverged"] else curves["eval_loss"][-1])
+        accuracies.append(curves["eval_accuracy"][-1])
+    return {"loss": sum(losses) / len(losses), "accuracy": sum(accuracies) / len(accuracies)}
+
+
+class MetaTrainer:
+    """Runs a :class:`Recipe` with checkpoints, logs and best-model selection.
+
+    Args:
+        recipe: The run's settings.
+        dataset: The image dataset the optimizees train on.
+        out_dir: Folder for ``checkpoint.pt``, ``best.safetensors`` and ``log.jsonl``.
+        progress: Whether to print one line per epoch.
+    """
+
+    def __init__(self, recipe, dataset, out_dir, progress=True):
+        self.recipe = recipe
+        self.dataset = dataset
+        self.out_dir = pathlib.Path(out_dir)
+        self.progress = progress
+        torch.manual_seed(recipe.seed)
+        self.update_rule = flatopt.LSTMUpdateRule(recipe.hidden_size, recipe.preprocess_p, recipe.output_scale)
+        self.meta_optimizer = torch.optim.Adam(self.update_rule.parameters(), lr=recipe.imitation_meta_lr)
+        self.epoch = 0  # epochs finished, imitation and meta-training counted together
+        self.best = {"loss": math.inf, "epoch": None}
+        self.best_weights = None
+        self.elapsed = 0.0
+        self.validation_task = mnist_tasks(dataset, recipe.meta_activation, recipe.batch_size)
+
+    @property
+    def total_epochs(self):
+        return self.recipe.imitation_epochs + self.recipe.meta_epochs
+
+    def run(self, until=None):
+        """Train until the recipe's last epoch, resuming from ``checkpoint.pt`` if present.
+
+        Args:
+            until: Stop after this many epochs instead (the run can be resumed later).
+
+        Returns:
+            The best validation record ``{"loss", "accuracy", "epoch"}``.
+        """
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if (self.out_dir / "checkpoint.pt").exists():
+            self.load_checkpoint(self.out_dir / "checkpoint.pt")
+        while self.epoch < min(self.total_epochs, until or self.total_epochs):
+            started = time.perf_counter()
+            record = self.train_epoch(self.epoch)
+            self.epoch += 1
+            if self.epoch >= self.recipe.imitation_epochs and self._validation_due():
+                record["validation"] = self.validate_and_keep_best()
+            self.elapsed += time.perf_counter() - started
+            record["elapsed_s"] = round(self.elapsed, 1)
+            self._log(record)
+            self.save_checkpoint(self.out_dir / "checkpoint.pt")
+        return self.best
+
+    def train_epoch(self, epoch):
+        """One epoch on a fresh optimizee: imitation or meta-training by the recipe's schedule."""
+        recipe = self.recipe
+        imitation = epoch < recipe.imitation_epochs
+        if imitation:
+            activation = recipe.imitation_activations[epoch % len(recipe.imitation_activations)]
+            lr = recipe.imitation_meta_lr
+        else:
+            activation, lr = recipe.meta_activation, recipe.meta_lr
+        for group in self.meta_optimizer.param_groups:
+            group["lr"] = lr
+        task = mnist_tasks(self.dataset, activation, recipe.batch_size)
+        # Every epoch draws its own optimizee and minibatches from (seed, epoch): resumable exactly.
+        generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + epoch)
+        params = task.init_params(seed=recipe.seed * 1_000_003 + epoch)
+        size = sum(p.numel() for p in params.values())
+        rule_state = self.update_rule.initial_state(size)
+        teacher = {"m": torch.zeros(size), "v": torch.zeros(size), "t": 0}
+
+        losses, grad_norms = [], []
+        for _ in range(recipe.imitation_unrolls if imitation else recipe.meta_unrolls):
+            if imitation:
+                loss, rule_state = imitation_unroll(
+                    self.update_rule, task, params, teacher, rule_state, generator,
+                    recipe.unroll_length, recipe.teacher_lr,
+                )
+            else:
+                loss, params, rule_state = meta_unroll(
+                    self.update_rule, task, params, rule_state, generator, recipe.unroll_length
+                )
+            self.meta_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(self.update_rule.parameters(), recipe.max_grad_norm).item())
+            self.meta_optimizer.step()
+            losses.append(loss.item())
+        return {
+            "epoch": epoch,
+            "phase": "imitation" if imitation else "meta",
+            "optimizee": task.name,
+            "loss": sum(losses) / len(losses),
+            "meta_grad_norm": sum(grad_norms) / len(grad_norms),
+        }
+
+    def validate_and_keep_best(self):
+        """Validate the current update rule; keep its weights if they are the best so far."""
+        seeds = [10_000 + s for s in range(self.recipe.validation_seeds)]
+        score = validate(self.update_rule, self.validation_task, self.recipe.validation_steps, seeds)
+        if score["loss"] < self.best["loss"]:
+            self.best = {**score, "epoch": self.epoch}
+            self.best_weights = {k: v.detach().clone() for k, v in self.update_rule.state_dict().items()}
+        return {**score, "best_epoch": self.best["epoch"]}
+
+    def best_update_rule(self):
+        """Return a copy of the update rule with the best validated weights (current ones if none)."""
+        rule = flatopt.LSTMUpdateRule(self.recipe.hidden_size, self.recipe.preprocess_p, self.recipe.output_scale)
+        rule.load_state_dict(self.best_weights or self.update_rule.state_dict())
+        return rule
+
+    def save_checkpoint(self, path):
+        """Write everything needed to resume, atomically."""
+        payload = {
+            "recipe": asdict(self.recipe),
+            "epoch": self.epoch,
+            "update_rule": self.update_rule.state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "best": self.best,
+            "best_weights": self.best_weights,
+            "elapsed": self.elapsed,
+        }
+        tmp = pathlib.Path(str(path) + ".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(path)
+
+    def load_checkpoint(self, path):
+        """Resume from a checkpoint written by :meth:`save_checkpoint` for the same recipe.
+
+        Raises:
+            ValueError: If the checkpoint was written for a different recipe.
+        """
+        payload = torch.load(path, weights_only=True)
+        if payload["recipe"] != asdict(self.recipe):
+            changed = sorted(k for k in payload["recipe"] if payload["recipe"][k] != asdict(self.recipe).get(k))
+            raise ValueError(
+                f"{path} was written for another recipe (differs in {changed}); use a new output "
+                "folder or the same settings to resume"
+            )
+        self.update_rule.load_state_dict(payload["update_rule"])
+        self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
+        self.epoch = payload["epoch"]
+        self.best = payload["best"]
+        self.best_weights = payload["best_weights"]
+        self.elapsed = payload["elapsed"]
+
+    def _validation_due(self):
+        since_imitation = self.epoch - self.recipe.imitation_epochs
+        return since_imitation % self.recipe.validate_every == 0 or self.epoch == self.total_epochs
+
+    def _log(self, record):
+        with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as log:
+            log.write(json.dumps(record) + "\n")
+        if self.progress:
+            line = f"epoch {record['epoch'] + 1}/{self.total_epochs} {record['phase']:9s} loss {record['loss']:.4f}"
+            if "validation" in record:
+                v = record["validation"]
+                line += f"  validation loss {v['loss']:.4f} acc {v['accuracy']:.4f} (best at epoch {v['best_epoch']})"
+            print(line + f"  [{record['elapsed_s']:.0f}s]", flush=True)
+
+
+def _add_flat_(params, flat):
+    offset = 0
+    with torch.no_grad():
+        for name, value in params.items():
+            n = value.numel()
+            params[name] = (value + flat[offset:offset + n].view_as(value)).detach()
+            offset += n

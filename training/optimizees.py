@@ -1,0 +1,153 @@
+"""Optimizees: the models and data a learned optimizer is meta-trained and evaluated on.
+
+A :class:`ClassificationTask` couples a model factory with an image dataset. Meta-training uses it
+functionally (parameters as a dict of tensors, so that an unroll can be differentiated); evaluation
+trains a real ``nn.Module`` with any ``torch.optim`` optimizer through :func:`train_and_evaluate`.
+Users plug in their own optimizee by building a task from their own factory and dataset.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
+
+
+def mlp(hidden=20, activation="sigmoid", inputs=784, classes=10):
+    """The classic L2O optimizee: one hidden layer, e.g. 784-20(sigmoid)-10.
+
+    Args:
+        hidden: Hidden units.
+        activation: ``"sigmoid"`` or ``"relu"``.
+        inputs: Input features.
+        classes: Output classes.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+    return nn.Sequential(nn.Linear(inputs, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, classes))
+
+
+@dataclass
+class ClassificationTask:
+    """A model to train on an image-classification dataset with cross-entropy.
+
+    Args:
+        make_model: Callable returning a freshly initialised ``nn.Module`` (called under a seeded
+            torch RNG, so it should draw its initial weights from the global generator).
+        train_images: Float tensor ``(N, ...)`` the optimizee trains on.
+        train_labels: Int64 tensor ``(N,)``.
+        eval_images: Held-out images used to score the trained model.
+        eval_labels: Held-out labels.
+        batch_size: Minibatch size of each optimizee step.
+        name: Label used in logs.
+    """
+
+    make_model: callable
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    eval_images: torch.Tensor
+    eval_labels: torch.Tensor
+    batch_size: int = 128
+    name: str = "task"
+    _template: nn.Module = field(default=None, init=False, repr=False)
+
+    def new_model(self, seed):
+        """Return a freshly initialised model, its initial weights fixed by ``seed``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.make_model()
+
+    def init_params(self, seed):
+        """Return fresh initial parameters as a dict of detached tensors, for functional unrolls."""
+        model = self.new_model(seed)
+        self._template = model
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def sample_batch(self, generator):
+        """Draw a training minibatch ``(images, labels)`` with replacement, from ``generator``."""
+        index = torch.randint(len(self.train_labels), (self.batch_size,), generator=generator)
+        return self.train_images[index], self.train_labels[index]
+
+    def loss(self, params, images, labels):
+        """Cross-entropy of the model with parameters ``params`` (differentiable in them)."""
+        if self._template is None:
+            self._template = self.new_model(0)
+        logits = functional_call(self._template, params, (images,))
+        return nn.functional.cross_entropy(logits, labels)
+
+
+def test_task(make_model, dataset, name, batch_size=128):
+    """An optimizee trained on a dataset's whole training set and scored on its test set.
+
+    Args:
+        make_model: Model factory.
+        dataset: An :class:`training.data.ImageDataset`.
+        name: Optimizee name, prefixed with the dataset's name in logs.
+        batch_size: Minibatch size.
+    """
+    return ClassificationTask(
+        make_model=make_model,
+        train_images=dataset.train_images,
+        train_labels=dataset.train_labels,
+        eval_images=dataset.test_images,
+        eval_labels=dataset.test_labels,
+        batch_size=batch_size,
+        name=f"{dataset.name}-{name}",
+    )
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, batch_size=10000):
+    """Return ``(mean cross-entropy, accuracy)`` of ``model`` on a labelled set."""
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        logits = model(images[start:start + batch_size])
+        target = labels[start:start + batch_size]
+        total_loss += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(1) == target).sum().item()
+    return total_loss / len(labels), correct / len(labels)
+
+
+def train_and_evaluate(task, make_optimizer, steps, seed, eval_every=None, on_step=None):
+    """Train a fresh model of ``task`` with a ``torch.optim`` optimizer and record its curves.
+
+    Args:
+        task: The :class:`ClassificationTask`.
+        make_optimizer: Callable ``params -> torch.optim.Optimizer``.
+        steps: Optimizer steps, one minibatch each.
+        seed: Fixes the model's initial weights and the minibatch order.
+        eval_every: Steps between evaluations on the held-out set (the last step is always
+            evaluated); ``None`` evaluates only at the end.
+        on_step: Optional callable ``(step) -> None`` called after each step, e.g. a progress bar.
+
+    Returns:
+        A dict with ``train_loss`` (per step), ``eval_steps``, ``eval_loss``, ``eval_accuracy``
+        (lists) and ``diverged`` (whether a training loss was not finite; training stops there).
+    """
+    model = task.new_model(seed)
+    optimizer = make_optimizer(model.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    curves = {"train_loss": [], "eval_steps": [], "eval_loss": [], "eval_accuracy": [], "diverged": False}
+
+    for step in range(1, steps + 1):
+        images, labels = task.sample_batch(generator)
+        loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        curves["train_loss"].append(loss.item())
+        if not math.isfinite(curves["train_loss"][-1]):
+            curves["diverged"] = True
+        if step == steps or curves["diverged"] or (eval_every and step % eval_every == 0):
+            eval_loss, accuracy = evaluate(model, task.eval_images, task.eval_labels)
+            curves["eval_steps"].append(step)
+            curves["eval_loss"].append(eval_loss)
+            curves["eval_accuracy"].append(accuracy)
+        if on_step is not None:
+            on_step(step)
+        if curves["diverged"]:
+            break
+    return curves
