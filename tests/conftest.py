@@ -35,3 +35,9 @@ def _real_dataset(name):
 def mnist():
     """Real MNIST (skips where unavailable, fails under CI=true)."""
     return _real_dataset("mnist")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist():
+    """Real Fashion-MNIST (skips where unavailable, fails under CI=true)."""
+    return _real_dataset("fashion-mnist")

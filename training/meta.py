@@ -59,14 +59,14 @@ class Recipe:
     imitation_unrolls: int = 10
     imitation_activations: list = field(default_factory=lambda: ["sigmoid", "relu"])
     teacher_lr: float = 0.01
-    meta_epochs: int = 60
+    meta_epochs: int = 50
     meta_unrolls: int = 5
     meta_activation: str = "sigmoid"
     imitation_meta_lr: float = 3e-3
     meta_lr: float = 1e-4
     max_grad_norm: float = 1.0
-    validate_every: int = 10
-    validation_steps: int = 300
+    validate_every: int = 5
+    validation_steps: int = 500
     validation_seeds: int = 2
 
 

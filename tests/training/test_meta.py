@@ -59,7 +59,8 @@ def test_resumed_run_equals_uninterrupted_run(mnist, tmp_path):
 
 
 def test_resume_with_another_recipe_is_refused(mnist, tmp_path):
-    recipe = Recipe(imitation_epochs=1, imitation_unrolls=1, meta_epochs=0, unroll_length=3)
+    recipe = Recipe(imitation_epochs=1, imitation_unrolls=1, meta_epochs=0, unroll_length=3,
+                    validation_steps=5, validation_seeds=1)
     MetaTrainer(recipe, mnist, tmp_path, progress=False).run()
     changed = dataclasses.replace(recipe, teacher_lr=0.5)
     with pytest.raises(ValueError, match="teacher_lr"):

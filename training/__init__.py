@@ -1,0 +1,1 @@
+"""Meta-training, optimizee tasks and datasets for flatopt experiments."""
