@@ -13,7 +13,7 @@ import torch
 
 from .data import load_dataset
 from .meta import MetaTrainer, Recipe
-from .release import evaluate_release, export_release
+from .release import evaluate_release, export_release, git_commit
 
 DESCRIPTIONS = {
     "dm": "L2O-DM: the coordinate-wise two-layer LSTM optimizer, warm-started by imitating Adam and "
@@ -51,6 +51,7 @@ def main(argv=None):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
                  if getattr(args, f.name, None) is not None}
     recipe = Recipe(**overrides)
+    commit = git_commit()
     dataset = load_dataset("mnist")
     trainer = MetaTrainer(recipe, dataset, args.out or f"runs/{args.name}")
     best = trainer.run()
@@ -63,7 +64,7 @@ def main(argv=None):
         print(f"  {task}: {100 * result['test_accuracy_mean']:.2f}% ± {100 * result['test_accuracy_std']:.2f}")
     folder = export_release(
         rule, args.export or f"flatopt/pretrained/{args.name}", args.name, dataclasses.asdict(recipe),
-        "python -m training " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "python -m training " + shlex.join(sys.argv[1:] if argv is None else argv), commit,
         trainer.elapsed, best, evaluation, DESCRIPTIONS.get(args.name, f"flatopt release {args.name}."),
     )
     print(f"exported {folder}")

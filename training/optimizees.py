@@ -7,6 +7,7 @@ Users plug in their own optimizee by building a task from their own factory and 
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +46,7 @@ class ClassificationTask:
         name: Label used in logs.
     """
 
-    make_model: callable
+    make_model: Callable[[], nn.Module]
     train_images: torch.Tensor
     train_labels: torch.Tensor
     eval_images: torch.Tensor
@@ -63,7 +64,6 @@ class ClassificationTask:
     def init_params(self, seed):
         """Return fresh initial parameters as a dict of detached tensors, for functional unrolls."""
         model = self.new_model(seed)
-        self._template = model
         return {name: p.detach().clone() for name, p in model.named_parameters()}
 
     def sample_batch(self, generator):
@@ -74,6 +74,7 @@ class ClassificationTask:
     def loss(self, params, images, labels):
         """Cross-entropy of the model with parameters ``params`` (differentiable in them)."""
         if self._template is None:
+            # Any instance serves: functional_call swaps in ``params`` for its own weights.
             self._template = self.new_model(0)
         logits = functional_call(self._template, params, (images,))
         return nn.functional.cross_entropy(logits, labels)

@@ -40,8 +40,8 @@ def evaluate_release(update_rule, dataset, steps=1000, seeds=3):
     return results
 
 
-def export_release(update_rule, folder, name, recipe, command, wall_time_s, validation, evaluation,
-                   description):
+def export_release(update_rule, folder, name, recipe, command, commit, wall_time_s, validation,
+                   evaluation, description):
     """Write the release folder: ``model.safetensors``, ``config.json`` and ``README.md``.
 
     Args:
@@ -50,6 +50,7 @@ def export_release(update_rule, folder, name, recipe, command, wall_time_s, vali
         name: Release name.
         recipe: The :class:`training.meta.Recipe` as a dict.
         command: The command line that reproduces the run.
+        commit: The code's commit when meta-training started (see :func:`git_commit`).
         wall_time_s: Meta-training wall time in seconds.
         validation: The best validation record.
         evaluation: Output of :func:`evaluate_release`.
@@ -59,7 +60,7 @@ def export_release(update_rule, folder, name, recipe, command, wall_time_s, vali
         "command": command,
         "recipe": recipe,
         "seed": recipe["seed"],
-        "commit": _git_commit(),
+        "commit": commit,
         "meta_training_wall_time_s": round(wall_time_s, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
@@ -116,7 +117,8 @@ benchmarks, not promised here.
 """
 
 
-def _git_commit():
+def git_commit():
+    """The checkout's commit, marked when tracked files had uncommitted changes; or ``"unknown"``."""
     try:
         root = pathlib.Path(__file__).resolve().parent.parent
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
