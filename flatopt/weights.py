@@ -151,6 +151,7 @@ def save_release(update_rule, folder, **metadata):
     # Write both files beside their final names first so that a crash never leaves a half release.
     save_file(tensors, folder / (WEIGHTS_FILE + ".tmp"), metadata={"format_version": str(FORMAT_VERSION)})
     (folder / (CONFIG_FILE + ".tmp")).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (folder / (WEIGHTS_FILE + ".tmp")).chmod(0o644)  # safetensors creates it readable by the owner only
     (folder / (WEIGHTS_FILE + ".tmp")).replace(folder / WEIGHTS_FILE)
     (folder / (CONFIG_FILE + ".tmp")).replace(folder / CONFIG_FILE)
     return folder

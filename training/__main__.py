@@ -18,7 +18,8 @@ from .release import evaluate_release, export_release, git_commit
 DESCRIPTIONS = {
     "dm": "L2O-DM: the coordinate-wise two-layer LSTM optimizer, warm-started by imitating Adam and "
           "then meta-trained on the unrolled training loss of an MNIST MLP, without flatness "
-          "regularization.",
+          "regularization. The release is the checkpoint with the best validation loss, from "
+          "whichever phase produced it (see below).",
 }
 
 
@@ -51,9 +52,8 @@ def main(argv=None):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
                  if getattr(args, f.name, None) is not None}
     recipe = Recipe(**overrides)
-    commit = git_commit()
     dataset = load_dataset("mnist")
-    trainer = MetaTrainer(recipe, dataset, args.out or f"runs/{args.name}")
+    trainer = MetaTrainer(recipe, dataset, args.out or f"runs/{args.name}", commit=git_commit())
     best = trainer.run()
     print(f"best validation: {best}")
 
@@ -64,8 +64,8 @@ def main(argv=None):
         print(f"  {task}: {100 * result['test_accuracy_mean']:.2f}% ± {100 * result['test_accuracy_std']:.2f}")
     folder = export_release(
         rule, args.export or f"flatopt/pretrained/{args.name}", args.name, dataclasses.asdict(recipe),
-        "python -m training " + shlex.join(sys.argv[1:] if argv is None else argv), commit,
-        trainer.elapsed, best, evaluation, DESCRIPTIONS.get(args.name, f"flatopt release {args.name}."),
+        "python -m training " + shlex.join(sys.argv[1:] if argv is None else argv), trainer.commit,
+        trainer.elapsed, {**best, "phase": trainer.best_phase()}, evaluation, DESCRIPTIONS.get(args.name, f"flatopt release {args.name}."),
     )
     print(f"exported {folder}")
 

@@ -194,9 +194,11 @@ class MetaTrainer:
         dataset: The image dataset the optimizees train on.
         out_dir: Folder for ``checkpoint.pt``, ``best.safetensors`` and ``log.jsonl``.
         progress: Whether to print one line per epoch.
+        commit: The code's commit, recorded in the checkpoint at the run's first start and kept
+            through resumes.
     """
 
-    def __init__(self, recipe, dataset, out_dir, progress=True):
+    def __init__(self, recipe, dataset, out_dir, progress=True, commit="unknown"):
         self.recipe = recipe
         self.dataset = dataset
         self.out_dir = pathlib.Path(out_dir)
@@ -208,6 +210,7 @@ class MetaTrainer:
         self.best = {"loss": math.inf, "epoch": None}
         self.best_weights = None
         self.elapsed = 0.0
+        self.commit = commit
         self.validation_task = mnist_tasks(dataset, recipe.meta_activation, recipe.batch_size)
 
     @property
@@ -290,6 +293,11 @@ class MetaTrainer:
             self.best_weights = {k: v.detach().clone() for k, v in self.update_rule.state_dict().items()}
         return {**score, "best_epoch": self.best["epoch"]}
 
+    def best_phase(self):
+        """``"imitation"`` or ``"meta"``: the phase that produced the best validated weights."""
+        epoch = self.best["epoch"] or self.epoch
+        return "imitation" if epoch <= self.recipe.imitation_epochs else "meta"
+
     def best_update_rule(self):
         """Return a copy of the update rule with the best validated weights (current ones if none)."""
         rule = flatopt.LSTMUpdateRule(self.recipe.hidden_size, self.recipe.preprocess_p, self.recipe.output_scale)
@@ -306,6 +314,7 @@ class MetaTrainer:
             "best": self.best,
             "best_weights": self.best_weights,
             "elapsed": self.elapsed,
+            "commit": self.commit,
         }
         tmp = pathlib.Path(str(path) + ".tmp")
         torch.save(payload, tmp)
@@ -330,6 +339,7 @@ class MetaTrainer:
         self.best = payload["best"]
         self.best_weights = payload["best_weights"]
         self.elapsed = payload["elapsed"]
+        self.commit = payload["commit"]
 
     def _validation_due(self):
         since_imitation = self.epoch - self.recipe.imitation_epochs

@@ -103,7 +103,10 @@ Use it with `flatopt.LearnedOptimizer(model.parameters(), "{name}")`.
 - Commit: `{provenance['commit']}`
 - Meta-training wall time: {provenance['meta_training_wall_time_s']} s on {provenance['machine']},
   torch {provenance['torch']}, {provenance['date']}
-- Best validation (held-out part of the MNIST training set): {provenance['best_validation']}
+- Selected checkpoint: epoch {provenance['best_validation']['epoch']} of {provenance['recipe']['imitation_epochs'] + provenance['recipe']['meta_epochs']}, from the {provenance['best_validation']['phase']} phase
+  (the best loss on 10,000 images held out of the MNIST training set, after
+  {provenance['recipe']['validation_steps']} optimizee steps). Meta-training epochs after it did not
+  improve that validation loss: {provenance['best_validation']}
 
 Recipe:
 {recipe}
