@@ -1,0 +1,150 @@
+"""LearnedOptimizer in data-parallel training: DDP, FSDP2 and ZeroRedundancyOptimizer, on CPU.
+
+Each mode runs ``distributed_job.py`` once, in a subprocess that spawns two ranks over gloo and then
+repeats the training in a single process on the union of both ranks' batches. Gradients averaged
+over two equal halves of a batch are the gradient of the mean loss over the whole batch, and the
+update rule is coordinate-wise, so the distributed runs must reproduce the single-process one.
+
+The job runs with a randomly initialised update rule, which moves parameters but does not learn,
+and also with the bundled ``dm`` release where the installed package has it, to check that the loss
+falls.
+"""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flatopt
+
+JOB = pathlib.Path(__file__).with_name("distributed_job.py")
+MODES = ["ddp", "fsdp2", "zero"]
+# The job takes about 10 s on two busy CPU cores; past this it is hung (e.g. a rank waiting on a
+# collective that its peer never reaches) and is killed with the ranks it spawned.
+JOB_TIMEOUT_S = 180
+
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="this torch build has no torch.distributed with the gloo backend",
+    ),
+    pytest.mark.skipif(sys.platform == "win32", reason="the job is launched in a POSIX session"),
+]
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory):
+    """Release folders to train with, by label: always "random", and "dm" when it is bundled."""
+    torch.manual_seed(0)
+    random_rule = flatopt.LSTMUpdateRule()
+    folder = flatopt.save_release(random_rule, tmp_path_factory.mktemp("random"), name="test")
+    folders = {"random": folder}
+    if "dm" in flatopt.list_pretrained():
+        folders["dm"] = flatopt.resolve_weights("dm")
+    return folders
+
+
+@pytest.fixture(scope="module", params=MODES)
+def job(request, releases, tmp_path_factory):
+    """Run the two-rank job for one mode; return ``{label: (rank results, single-process result)}``.
+
+    A result is ``{"losses": [float per step], "params": {name: full tensor}}``.
+    """
+    mode = request.param
+    out_dir = tmp_path_factory.mktemp(mode)
+    _run_job(mode, out_dir, [str(folder) for folder in releases.values()])
+    ranks = [torch.load(out_dir / f"rank{rank}.pt") for rank in range(2)]
+    single = torch.load(out_dir / "single.pt")
+    return {
+        label: ([result[str(folder)] for result in ranks], single[str(folder)])
+        for label, folder in releases.items()
+    }
+
+
+def test_every_rank_holds_bit_identical_parameters(job):
+    for label, (ranks, _) in job.items():
+        first, second = (result["params"] for result in ranks)
+        assert first.keys() == second.keys()
+        for name in first:
+            assert torch.equal(first[name], second[name]), f"{label}: {name} differs between ranks"
+
+
+def test_distributed_run_matches_single_process_on_the_union_batch(job):
+    for label, (ranks, single) in job.items():
+        for name, expected in single["params"].items():
+            torch.testing.assert_close(
+                ranks[0]["params"][name], expected, rtol=1e-4, atol=1e-5,
+                msg=lambda message: f"{label}, parameter {name}: {message}",
+            )
+        # The loss of the union batch is the mean of the two ranks' losses on their halves.
+        mean_losses = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
+        torch.testing.assert_close(mean_losses, single["losses"], rtol=1e-4, atol=1e-5)
+
+
+def test_loss_falls_with_the_bundled_release(job):
+    if "dm" not in job:
+        pytest.skip(
+            "the bundled release 'dm' is not in the installed flatopt (meta-training builds it), "
+            "and a random update rule does not learn, so there is no loss to expect falling"
+        )
+    ranks, _ = job["dm"]
+    mean_losses = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
+    first, last = sum(mean_losses[:10]) / 10, sum(mean_losses[-10:]) / 10
+    assert last < 0.5 * first, f"mean loss went from {first:.3f} (first 10 steps) to {last:.3f}"
+
+
+# One process is enough to build DTensors; the step must refuse to pair the coordinates of a
+# sharded parameter with those of a replicated gradient.
+_MISPLACED_GRADIENT = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.tensor import DeviceMesh, Replicate, Shard, distribute_tensor
+import flatopt
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+mesh = DeviceMesh("cpu", [0])
+p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
+p.grad = distribute_tensor(torch.ones(4, 3), mesh, [Replicate()])
+optimizer = flatopt.LearnedOptimizer([p], flatopt.LSTMUpdateRule())
+try:
+    optimizer.step()
+except RuntimeError as error:
+    print(error)
+assert torch.equal(p.full_tensor(), torch.ones(4, 3)) and not optimizer.state[p]
+p.grad = p.grad.redistribute(mesh, p.placements)
+optimizer.step()
+assert optimizer.state[p]["lstm_state"].shape == (12, optimizer.update_rule.state_size)
+"""
+
+
+def test_gradient_placed_unlike_its_parameter_is_refused(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", _MISPLACED_GRADIENT, str(tmp_path / "rendezvous")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Redistribute the gradient" in result.stdout, result.stdout
+
+def _run_job(mode, out_dir, weights):
+    # A session of its own lets a hung job be killed together with the ranks it spawned.
+    process = subprocess.Popen(
+        [sys.executable, str(JOB), mode, str(out_dir), *weights],
+        cwd=out_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"the {mode} job ran past {JOB_TIMEOUT_S} s and was killed:\n{output[-4000:]}")
+    if process.returncode != 0:
+        pytest.fail(f"the {mode} job failed with exit code {process.returncode}:\n{output[-4000:]}")
