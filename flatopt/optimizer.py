@@ -13,6 +13,10 @@ logger = logging.getLogger(__name__)
 # Coordinates pushed through the update rule at once: bounds the step's temporaries to a few MB
 # whatever the model size, while keeping each matrix multiply large enough to be efficient.
 _CHUNK = 1 << 15
+# On accelerators, skipped updates are counted on the device and reported every this many steps,
+# so that the guard never forces a host synchronisation on every step.
+_REPORT_EVERY = 100
+NONFINITE_POLICIES = ("skip", "raise")
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -24,9 +28,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
         p <- p * (1 - lr * weight_decay) + lr * u
 
     so ``lr`` scales the learned step (``1.0`` is the step the network was meta-trained to take) and
-    learning-rate schedulers work as usual. A parameter whose gradient, or whose learned update,
-    contains a non-finite value is left untouched for that step, with its recurrent state kept as it
-    was, and a warning names it.
+    learning-rate schedulers work as usual.
+
+    Bad values never reach a parameter or its recurrent state. A tensor is *bad* for a step when its
+    gradient has a non-finite entry or its learned update has an entry that is non-finite or larger
+    in magnitude than ``max_update``. With ``nonfinite="skip"`` (the default) a bad tensor is left
+    untouched for that step, its recurrent state and step count kept, and a ``RuntimeWarning``
+    names it (at once on the CPU; on accelerators the count is kept on the device and reported every
+    100 steps, to avoid a host synchronisation per step). With ``nonfinite="raise"`` the step raises
+    ``FloatingPointError`` before any parameter of any group moves.
 
     Args:
         params: Iterable of parameters or of parameter-group dicts.
@@ -37,24 +47,36 @@ class LearnedOptimizer(torch.optim.Optimizer):
         lr: Multiplier of the learned update.
         weight_decay: Decoupled weight decay coefficient.
         maximize: Maximise the objective instead of minimising it.
+        nonfinite: ``"skip"`` or ``"raise"``: what a step does with a bad tensor (see above).
+        max_update: Largest magnitude a learned update of one coordinate may have (before ``lr``);
+            larger ones mark the tensor bad. The LSTM's read-out is bounded well below the default.
 
     Raises:
-        ValueError: For a negative ``lr`` or ``weight_decay``, or weights that cannot be loaded.
+        ValueError: For a negative ``lr`` or ``weight_decay``, a non-positive ``max_update``, an
+            unknown ``nonfinite`` policy, or weights that cannot be loaded.
     """
 
-    def __init__(self, params, weights=DEFAULT_WEIGHTS, *, lr=1.0, weight_decay=0.0, maximize=False):
+    def __init__(self, params, weights=DEFAULT_WEIGHTS, *, lr=1.0, weight_decay=0.0, maximize=False,
+                 nonfinite="skip", max_update=1.0):
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}; it must be >= 0")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}; it must be >= 0")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"Invalid nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
+        if not max_update > 0:
+            raise ValueError(f"Invalid max_update value: {max_update}; it must be > 0")
         if isinstance(weights, torch.nn.Module):
             update_rule, config = weights, {"name": "<in-memory>", "update_rule": weights.config()}
         else:
             update_rule, config = load_release(weights)
-        defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
+        defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, nonfinite=nonfinite,
+                        max_update=max_update)
         super().__init__(params, defaults)
         self.update_rule = update_rule
         self.release_config = config
+        self._pending_skips = {}  # device -> count of skipped tensor updates not yet reported
+        self._steps_since_report = 0
 
     def __repr__(self):
         name = self.release_config.get("name", "<unnamed>")
@@ -82,6 +104,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         super().load_state_dict(state_dict)
 
+        for group in self.param_groups:  # state dicts from older versions lack newer options
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         for index, p in enumerate(params):
             if index in recurrent:
                 self.state[p]["lstm_state"] = recurrent[index].to(p.device, torch.float32, copy=True)
@@ -122,15 +147,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         self._refuse_sparse_gradients()
 
+        work = []
         for group in self.param_groups:
             params, grads, states = self._gather(group)
-            if not params:
-                continue
+            if params:
+                work.append((group, params, *self._apply_update_rule(grads, states, group["max_update"])))
 
-            updates, new_states, finite = self._apply_update_rule(grads, states)
+        self._raise_on_bad_tensors(work)
 
-            self._write_back(group, params, updates, new_states, finite)
+        for group, params, updates, new_states, good in work:
+            self._write_back(group, params, updates, new_states, good)
 
+        self._report_skips(work)
         return loss
 
     def _refuse_sparse_gradients(self):
@@ -159,7 +187,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             states.append(state)
         return params, grads, states
 
-    def _apply_update_rule(self, grads, states):
+    def _apply_update_rule(self, grads, states, max_update):
         # A non-finite gradient is replaced by zero before the network sees it, so that it cannot
         # poison the shared batch; the whole tensor's update is discarded afterwards.
         finite = [torch.isfinite(g).all() for g in grads]
@@ -175,23 +203,65 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         updates = update.split([g.numel() for g in grads])
         new_states = new_state.split([g.numel() for g in grads])
-        finite = [ok & torch.isfinite(u).all() for ok, u in zip(finite, updates)]
-        return updates, new_states, finite
+        # NaN fails the comparison, so this also catches a non-finite update; true for empty tensors.
+        good = [ok & (u.abs() <= max_update).all() for ok, u in zip(finite, updates)]
+        return updates, new_states, good
 
-    def _write_back(self, group, params, updates, new_states, finite):
+    def _raise_on_bad_tensors(self, work):
+        if all(group["nonfinite"] != "raise" for group, *_ in work):
+            return
+        for group, params, _, _, good in work:
+            if group["nonfinite"] == "raise":
+                bad = [_describe(group, p) for p, ok in zip(params, good) if not ok]
+                if bad:
+                    raise FloatingPointError(
+                        f"LearnedOptimizer: non-finite gradient or learned update (or one above "
+                        f"max_update={group['max_update']}) in {', '.join(bad)}; no parameter was "
+                        "changed. Lower the learning rate or check the loss for overflow."
+                    )
+
+    def _report_skips(self, work):
+        skipped_here, elsewhere = [], {}
+        for group, params, _, _, good in work:
+            for p, ok in zip(params, good):
+                if p.device.type == "cpu":
+                    if not ok:  # reading the flag is free on the CPU
+                        skipped_here.append(_describe(group, p))
+                else:
+                    count = elsewhere.get(p.device, 0)
+                    elsewhere[p.device] = count + (~ok).to(torch.int64)
+        if skipped_here:
+            warnings.warn(
+                f"LearnedOptimizer: skipped the update of {', '.join(skipped_here)}: a non-finite "
+                "gradient or learned update (or one above max_update); those parameters and their "
+                "optimizer state are unchanged.",
+                RuntimeWarning,
+                stacklevel=5,  # the caller of step(), past the no_grad and hook wrappers
+            )
+        if not elsewhere:
+            return
+        for device, count in elsewhere.items():
+            self._pending_skips[device] = self._pending_skips.get(device, 0) + count
+        self._steps_since_report += 1
+        if self._steps_since_report >= _REPORT_EVERY:
+            total = sum(int(c) for c in self._pending_skips.values())  # one synchronisation
+            self._pending_skips, self._steps_since_report = {}, 0
+            if total:
+                warnings.warn(
+                    f"LearnedOptimizer: skipped {total} tensor updates in the last {_REPORT_EVERY} "
+                    "steps because of non-finite gradients or learned updates; those parameters and "
+                    "their optimizer state were left unchanged.",
+                    RuntimeWarning,
+                    stacklevel=5,  # the caller of step(), past the no_grad and hook wrappers
+                )
+
+    def _write_back(self, group, params, updates, new_states, good):
         lr, weight_decay = group["lr"], group["weight_decay"]
-        for index, (p, update, new_state, ok) in enumerate(zip(params, updates, new_states, finite)):
+        for p, update, new_state, ok in zip(params, updates, new_states, good):
             state = self.state[p]
             if p.device.type == "cpu" and not ok:
-                # Reporting needs the flag on the host, which is free on the CPU only.
-                warnings.warn(
-                    f"LearnedOptimizer: skipped the update of parameter {index} of a group "
-                    f"(shape {tuple(p.shape)}) because its gradient or learned update is not finite; "
-                    "the parameter and its optimizer state are unchanged.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
                 continue
+            # On accelerators the flag stays on the device: every write is masked instead.
             state["lstm_state"].copy_(torch.where(ok, new_state, state["lstm_state"]))
             state["step"] += ok.to(torch.float32)
             target = _as_real(_local(p))
@@ -199,6 +269,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if weight_decay != 0:
                 target.mul_(torch.where(ok, 1 - lr * weight_decay, 1.0).to(target.dtype))
             target.add_(delta.to(target.dtype), alpha=lr)
+
+
+def _describe(group, p):
+    names = group.get("param_names")
+    if names:
+        return f"parameter {names[_index_in(group, p)]!r} (shape {tuple(p.shape)})"
+    return f"parameter {_index_in(group, p)} of its group (shape {tuple(p.shape)})"
+
+
+def _index_in(group, p):
+    return next(i for i, q in enumerate(group["params"]) if q is p)
 
 
 def _as_real(tensor):

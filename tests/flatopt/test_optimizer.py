@@ -137,13 +137,46 @@ def test_non_finite_gradient_never_reaches_parameter_or_state():
     model(torch.randn(4, 6)).sum().backward()
     bad.grad[0, 0] = float("nan")
     bad.grad[1, 1] = float("inf")
-    with pytest.warns(RuntimeWarning, match="not finite"):
+    with pytest.warns(RuntimeWarning, match="non-finite"):
         opt.step()
     assert torch.equal(bad, bad_before)
     assert torch.equal(opt.state[bad]["lstm_state"], bad_state)
     assert opt.state[bad]["step"].item() == 2
     assert not torch.equal(good, good_before)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_raise_policy_refuses_the_whole_step_before_any_parameter_moves():
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(
+        [{"params": model[0].parameters()}, {"params": model[2].parameters()}], nonfinite="raise"
+    )
+    model(torch.randn(4, 6)).sum().backward()
+    model[2].bias.grad[0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="parameter 1 of its group"):
+        opt.step()
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+    assert all(not s["step"] for s in opt.state.values())
+
+
+def test_skip_warning_names_the_parameter_and_large_updates_are_refused():
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.named_parameters(), max_update=1e-12)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(4, 6)).sum().backward()
+    with pytest.warns(RuntimeWarning, match="'0.weight'.*'2.bias'"):
+        opt.step()  # every learned update exceeds the tiny bound
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"nonfinite": "ignore"}, "nonfinite policy"),
+                                             ({"max_update": 0.0}, "max_update")])
+def test_invalid_guard_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        flatopt.LearnedOptimizer(make_model().parameters(), **kwargs)
 
 
 def test_state_dict_of_another_optimizer_is_refused_without_change():
