@@ -20,6 +20,7 @@ import torch
 
 import flatopt
 
+from . import flatness
 from .optimizees import ClassificationTask, mlp, train_and_evaluate
 
 
@@ -47,6 +48,15 @@ class Recipe:
         validate_every: Meta-training epochs between validations.
         validation_steps: Optimizee steps of each validation run.
         validation_seeds: Optimizees per validation.
+        regularizer: Flatness measure added to each unroll's meta-loss: ``"none"``,
+            ``"hessian-trace"``, ``"hessian-ev"``, ``"jacobian-trace"`` or ``"entropy"``.
+        reg_lambda: Its weight lambda.
+        reg_probes: Hutchinson probes of the Hessian trace.
+        reg_iterations: Power iterations of the Hessian eigenvalue.
+        entropy_steps: Langevin chain length of the local entropy.
+        entropy_step_size: Langevin step size.
+        entropy_noise: Langevin noise scale.
+        entropy_gamma: Local-entropy coupling gamma.
     """
 
     seed: int = 0
@@ -68,6 +78,31 @@ class Recipe:
     validate_every: int = 5
     validation_steps: int = 500
     validation_seeds: int = 2
+    regularizer: str = "none"
+    reg_lambda: float = 0.0
+    reg_probes: int = 10
+    reg_iterations: int = 10
+    entropy_steps: int = 5
+    entropy_step_size: float = 0.1
+    entropy_noise: float = 1e-4
+    entropy_gamma: float = 1e-4
+
+    def flatness_regularizer(self):
+        """The configured flatness measure as ``(loss_fn, params) -> scalar``, or ``None``."""
+        options = {
+            "none": None,
+            "hessian-trace": {"probes": self.reg_probes},
+            "hessian-ev": {"iterations": self.reg_iterations},
+            "jacobian-trace": {},
+            "entropy": {"steps": self.entropy_steps, "step_size": self.entropy_step_size,
+                        "noise": self.entropy_noise, "gamma": self.entropy_gamma},
+        }
+        if self.regularizer not in options:
+            raise ValueError(f"unknown regularizer {self.regularizer!r}; choose from {sorted(options)}")
+        if options[self.regularizer] is None:
+            return None
+        return lambda loss_fn, params: flatness.measure(self.regularizer, loss_fn, params,
+                                                        **options[self.regularizer])
 
 
 def mnist_tasks(dataset, activation, batch_size, validation_size=10000):
@@ -135,7 +170,7 @@ def imitation_unroll(update_rule, task, params, teacher, rule_state, generator, 
     return error / reference, rule_state.detach()
 
 
-def meta_unroll(update_rule, task, params, rule_state, generator, steps):
+def meta_unroll(update_rule, task, params, rule_state, generator, steps, regularizer=None):
     """Apply the update rule for ``steps`` optimizee steps and return the differentiable meta-loss.
 
     Args:
@@ -145,10 +180,13 @@ def meta_unroll(update_rule, task, params, rule_state, generator, steps):
         rule_state: Recurrent state ``(N, state_size)``, detached.
         generator: Draws the minibatches.
         steps: Unroll length.
+        regularizer: Optional ``(loss_fn, params) -> scalar`` flatness measure, evaluated on the
+            parameters the unroll ends at (``loss_fn`` draws a fresh minibatch at each call).
 
     Returns:
-        ``(meta_loss, params, rule_state)``: the mean optimizee loss over the unroll (differentiable
-        in the rule's weights) and the detached parameters and state at its end.
+        ``(meta_loss, regularization, params, rule_state)``: the mean optimizee loss over the
+        unroll and the flatness measure at its end (``None`` without a regularizer), both
+        differentiable in the rule's weights, and the detached parameters and state at its end.
     """
     names = list(params)
     shapes = [params[n].shape for n in names]
@@ -167,8 +205,15 @@ def meta_unroll(update_rule, task, params, rule_state, generator, steps):
             for n, u, shape in zip(names, update.split(sizes), shapes)
         }
         total = total + loss
+
+    regularization = None
+    if regularizer is not None:
+        def loss_fn(values):
+            return task.loss(dict(zip(names, values)), *task.sample_batch(generator))
+
+        regularization = regularizer(loss_fn, list(current.values()))
     final = {n: v.detach() for n, v in current.items()}
-    return total / steps, final, rule_state.detach()
+    return total / steps, regularization, final, rule_state.detach()
 
 
 def validate(update_rule, task, steps, seeds):
@@ -260,29 +305,57 @@ class MetaTrainer:
         rule_state = self.update_rule.initial_state(size)
         teacher = {"m": torch.zeros(size), "v": torch.zeros(size), "t": 0}
 
-        losses, grad_norms = [], []
+        regularizer = None if imitation else recipe.flatness_regularizer()
+        losses, grad_norms, reg_values, reg_ratios = [], [], [], []
         for _ in range(recipe.imitation_unrolls if imitation else recipe.meta_unrolls):
             if imitation:
                 loss, rule_state = imitation_unroll(
                     self.update_rule, task, params, teacher, rule_state, generator,
                     recipe.unroll_length, recipe.teacher_lr,
                 )
+                regularization = None
             else:
-                loss, params, rule_state = meta_unroll(
-                    self.update_rule, task, params, rule_state, generator, recipe.unroll_length
+                loss, regularization, params, rule_state = meta_unroll(
+                    self.update_rule, task, params, rule_state, generator, recipe.unroll_length,
+                    regularizer,
                 )
             self.meta_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if regularization is None:
+                loss.backward()
+            else:
+                ratio = self._backward_with_regularizer(loss, recipe.reg_lambda * regularization)
+                reg_values.append(regularization.item())
+                reg_ratios.append(ratio)
             grad_norms.append(torch.nn.utils.clip_grad_norm_(self.update_rule.parameters(), recipe.max_grad_norm).item())
             self.meta_optimizer.step()
             losses.append(loss.item())
-        return {
+        record = {
             "epoch": epoch,
             "phase": "imitation" if imitation else "meta",
             "optimizee": task.name,
             "loss": sum(losses) / len(losses),
             "meta_grad_norm": sum(grad_norms) / len(grad_norms),
         }
+        if reg_values:
+            record["regularizer"] = recipe.regularizer
+            record["regularizer_value"] = sum(reg_values) / len(reg_values)
+            record["regularizer_grad_ratio"] = sum(reg_ratios) / len(reg_ratios)
+        return record
+
+    def _backward_with_regularizer(self, loss, penalty):
+        """Set the meta-gradient of ``loss + penalty``; return ``|grad penalty| / |grad loss|``.
+
+        The two parts are differentiated separately so that the regularizer's share of the
+        meta-gradient can be logged: a lambda whose ratio is negligible does not train anything.
+        """
+        weights = list(self.update_rule.parameters())
+        loss_grads = torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+        penalty_grads = torch.autograd.grad(penalty, weights, allow_unused=True)
+        for weight, a, b in zip(weights, loss_grads, penalty_grads):
+            weight.grad = _zero_if_none(a, weight) + _zero_if_none(b, weight)
+        loss_norm = torch.sqrt(sum(_zero_if_none(g, w).pow(2).sum() for g, w in zip(loss_grads, weights)))
+        penalty_norm = torch.sqrt(sum(_zero_if_none(g, w).pow(2).sum() for g, w in zip(penalty_grads, weights)))
+        return (penalty_norm / loss_norm.clamp_min(1e-30)).item()
 
     def validate_and_keep_best(self):
         """Validate the current update rule; keep its weights if they are the best so far."""
@@ -354,6 +427,10 @@ class MetaTrainer:
                 v = record["validation"]
                 line += f"  validation loss {v['loss']:.4f} acc {v['accuracy']:.4f} (best at epoch {v['best_epoch']})"
             print(line + f"  [{record['elapsed_s']:.0f}s]", flush=True)
+
+
+def _zero_if_none(grad, like):
+    return torch.zeros_like(like) if grad is None else grad
 
 
 def _add_flat_(params, flat):
