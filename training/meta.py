@@ -48,6 +48,15 @@ class Recipe:
         validate_every: Meta-training epochs between validations.
         validation_steps: Optimizee steps of each validation run.
         validation_seeds: Optimizees per validation.
+        curriculum: Optimizee horizons (steps per meta-training epoch) of successive stages, e.g.
+            ``[100, 200, 500, 1000]``; empty for a single stage of ``meta_unrolls`` unrolls. A
+            stage validates at the next stage's horizon (twice its own for the last stage), keeps
+            its best weights, and hands them to the next stage only if it beat the weights it
+            started from; otherwise training stops there.
+        stage_patience: Validations without improvement that end a stage.
+        imitation_probability: Chance that a meta-training epoch imitates the Adam teacher instead.
+        init_weights: Release (anything ``flatopt.load_release`` accepts) to start from instead of
+            a random update rule; empty for random.
         regularizer: Flatness measure added to each unroll's meta-loss: ``"none"``,
             ``"hessian-trace"``, ``"hessian-ev"``, ``"jacobian-trace"`` or ``"entropy"``.
         reg_lambda: Its weight lambda.
@@ -78,6 +87,10 @@ class Recipe:
     validate_every: int = 5
     validation_steps: int = 500
     validation_seeds: int = 2
+    curriculum: list = field(default_factory=list)
+    stage_patience: int = 2
+    imitation_probability: float = 0.0
+    init_weights: str = ""
     regularizer: str = "none"
     reg_lambda: float = 0.0
     reg_probes: int = 10
@@ -256,7 +269,11 @@ class MetaTrainer:
         self.best_weights = None
         self.elapsed = 0.0
         self.commit = commit
+        self.finished = False
+        self.stage = _new_stage(0)
         self.validation_task = mnist_tasks(dataset, recipe.meta_activation, recipe.batch_size)
+        if recipe.init_weights:
+            self.update_rule.load_state_dict(flatopt.load_release(recipe.init_weights)[0].state_dict())
 
     @property
     def total_epochs(self):
@@ -274,11 +291,19 @@ class MetaTrainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if (self.out_dir / "checkpoint.pt").exists():
             self.load_checkpoint(self.out_dir / "checkpoint.pt")
-        while self.epoch < min(self.total_epochs, until or self.total_epochs):
+        while not self.finished and self.epoch < min(self.total_epochs, until or self.total_epochs):
             started = time.perf_counter()
+            if self.recipe.curriculum and self.epoch >= self.recipe.imitation_epochs:
+                if self.stage["baseline"] is None:
+                    self._start_stage()
             record = self.train_epoch(self.epoch)
             self.epoch += 1
-            if self.epoch >= self.recipe.imitation_epochs and self._validation_due():
+            if self.recipe.curriculum:
+                if self.epoch > self.recipe.imitation_epochs:
+                    self.stage["epochs"] += 1
+                    if self.stage["epochs"] % self.recipe.validate_every == 0:
+                        record["validation"] = self._validate_stage()
+            elif self.epoch >= self.recipe.imitation_epochs and self._validation_due():
                 record["validation"] = self.validate_and_keep_best()
             self.elapsed += time.perf_counter() - started
             record["elapsed_s"] = round(self.elapsed, 1)
@@ -289,12 +314,15 @@ class MetaTrainer:
     def train_epoch(self, epoch):
         """One epoch on a fresh optimizee: imitation or meta-training by the recipe's schedule."""
         recipe = self.recipe
-        imitation = epoch < recipe.imitation_epochs
+        warm_start = epoch < recipe.imitation_epochs
+        # A separate generator, so that the coin does not shift the epoch's minibatches.
+        coin = torch.rand((), generator=torch.Generator().manual_seed(recipe.seed * 7_919 + epoch)).item()
+        imitation = warm_start or coin < recipe.imitation_probability
         if imitation:
             activation = recipe.imitation_activations[epoch % len(recipe.imitation_activations)]
-            lr = recipe.imitation_meta_lr
         else:
-            activation, lr = recipe.meta_activation, recipe.meta_lr
+            activation = recipe.meta_activation
+        lr = recipe.imitation_meta_lr if warm_start else recipe.meta_lr
         for group in self.meta_optimizer.param_groups:
             group["lr"] = lr
         task = mnist_tasks(self.dataset, activation, recipe.batch_size)
@@ -307,7 +335,7 @@ class MetaTrainer:
 
         regularizer = None if imitation else recipe.flatness_regularizer()
         losses, grad_norms, reg_values, reg_ratios = [], [], [], []
-        for _ in range(recipe.imitation_unrolls if imitation else recipe.meta_unrolls):
+        for _ in range(recipe.imitation_unrolls if imitation else self.meta_unrolls()):
             if imitation:
                 loss, rule_state = imitation_unroll(
                     self.update_rule, task, params, teacher, rule_state, generator,
@@ -332,6 +360,7 @@ class MetaTrainer:
         record = {
             "epoch": epoch,
             "phase": "imitation" if imitation else "meta",
+            "stage": None if warm_start or not recipe.curriculum else self.stage["index"],
             "optimizee": task.name,
             "loss": sum(losses) / len(losses),
             "meta_grad_norm": sum(grad_norms) / len(grad_norms),
@@ -359,12 +388,66 @@ class MetaTrainer:
 
     def validate_and_keep_best(self):
         """Validate the current update rule; keep its weights if they are the best so far."""
-        seeds = [10_000 + s for s in range(self.recipe.validation_seeds)]
-        score = validate(self.update_rule, self.validation_task, self.recipe.validation_steps, seeds)
+        score = self._score()
         if score["loss"] < self.best["loss"]:
-            self.best = {**score, "epoch": self.epoch}
-            self.best_weights = {k: v.detach().clone() for k, v in self.update_rule.state_dict().items()}
+            self._keep_best(score)
         return {**score, "best_epoch": self.best["epoch"]}
+
+    def meta_unrolls(self):
+        """Unrolls per meta-training epoch: the current stage's horizon, or ``meta_unrolls``."""
+        if not self.recipe.curriculum:
+            return self.recipe.meta_unrolls
+        return max(1, self.recipe.curriculum[self.stage["index"]] // self.recipe.unroll_length)
+
+    def validation_steps(self):
+        """Optimizee steps of a validation: the next stage's horizon under a curriculum."""
+        curriculum = self.recipe.curriculum
+        if not curriculum:
+            return self.recipe.validation_steps
+        index = self.stage["index"]
+        return curriculum[index + 1] if index + 1 < len(curriculum) else 2 * curriculum[-1]
+
+    def _score(self):
+        seeds = [10_000 + s for s in range(self.recipe.validation_seeds)]
+        return validate(self.update_rule, self.validation_task, self.validation_steps(), seeds)
+
+    def _start_stage(self):
+        # The stage's baseline: the weights it starts from, scored at its own validation horizon.
+        score = self._score()
+        self.stage["baseline"] = self.stage["best"] = score["loss"]
+        if self.best_weights is None:
+            self._keep_best(score)
+        self._log({"event": "stage start", "stage": self.stage["index"],
+                   "horizon": self.recipe.curriculum[self.stage["index"]],
+                   "validation_steps": self.validation_steps(), "baseline": score,
+                   "elapsed_s": round(self.elapsed, 1)})
+
+    def _validate_stage(self):
+        score = self._score()
+        if score["loss"] < self.stage["best"]:
+            self.stage["best"], self.stage["stale"] = score["loss"], 0
+            self._keep_best(score)
+        else:
+            self.stage["stale"] += 1
+        record = {**score, "steps": self.validation_steps(), "best_epoch": self.best["epoch"]}
+        if self.stage["stale"] >= self.recipe.stage_patience:
+            record["decision"] = self._end_stage()
+        return record
+
+    def _end_stage(self):
+        improved = self.stage["best"] < self.stage["baseline"]
+        last = self.stage["index"] + 1 >= len(self.recipe.curriculum)
+        # The next stage (or the release) starts from the best weights seen, not the latest.
+        self.update_rule.load_state_dict(self.best_weights)
+        if improved and not last:
+            self.stage = _new_stage(self.stage["index"] + 1)
+            return f"stage improved; advancing to stage {self.stage['index']}"
+        self.finished = True
+        return "stage improved; curriculum complete" if improved else "stage did not improve; stopping"
+
+    def _keep_best(self, score):
+        self.best = {**score, "epoch": self.epoch, "steps": self.validation_steps()}
+        self.best_weights = {k: v.detach().clone() for k, v in self.update_rule.state_dict().items()}
 
     def best_phase(self):
         """``"imitation"`` or ``"meta"``: the phase that produced the best validated weights."""
@@ -388,6 +471,8 @@ class MetaTrainer:
             "best_weights": self.best_weights,
             "elapsed": self.elapsed,
             "commit": self.commit,
+            "finished": self.finished,
+            "stage": self.stage,
         }
         tmp = pathlib.Path(str(path) + ".tmp")
         torch.save(payload, tmp)
@@ -413,6 +498,8 @@ class MetaTrainer:
         self.best_weights = payload["best_weights"]
         self.elapsed = payload["elapsed"]
         self.commit = payload["commit"]
+        self.finished = payload["finished"]
+        self.stage = payload["stage"]
 
     def _validation_due(self):
         since_imitation = self.epoch - self.recipe.imitation_epochs
@@ -421,12 +508,25 @@ class MetaTrainer:
     def _log(self, record):
         with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\n")
-        if self.progress:
-            line = f"epoch {record['epoch'] + 1}/{self.total_epochs} {record['phase']:9s} loss {record['loss']:.4f}"
-            if "validation" in record:
-                v = record["validation"]
-                line += f"  validation loss {v['loss']:.4f} acc {v['accuracy']:.4f} (best at epoch {v['best_epoch']})"
-            print(line + f"  [{record['elapsed_s']:.0f}s]", flush=True)
+        if not self.progress:
+            return
+        if "event" in record:
+            print(f"{record['event']} {record['stage']}: horizon {record['horizon']} steps, validated at "
+                  f"{record['validation_steps']}; baseline loss {record['baseline']['loss']:.4f}", flush=True)
+            return
+        line = f"epoch {record['epoch'] + 1}/{self.total_epochs} {record['phase']:9s} loss {record['loss']:.4f}"
+        if "regularizer_grad_ratio" in record:
+            line += f"  {record['regularizer']} {record['regularizer_value']:.3g} (grad ratio {record['regularizer_grad_ratio']:.3g})"
+        if "validation" in record:
+            v = record["validation"]
+            line += f"  validation loss {v['loss']:.4f} acc {v['accuracy']:.4f} (best at epoch {v['best_epoch']})"
+            if "decision" in v:
+                line += f"; {v['decision']}"
+        print(line + f"  [{record['elapsed_s']:.0f}s]", flush=True)
+
+
+def _new_stage(index):
+    return {"index": index, "baseline": None, "best": math.inf, "stale": 0, "epochs": 0}
 
 
 def _zero_if_none(grad, like):

@@ -108,3 +108,33 @@ def test_each_regularizer_reaches_the_update_rule_weights(mnist, tmp_path, regul
     changed = [not torch.equal(a, b) for a, b in zip(plain.update_rule.parameters(),
                                                       regularized.update_rule.parameters())]
     assert any(changed)
+
+
+def test_curriculum_advances_on_improvement_and_stops_without(mnist, tmp_path, monkeypatch):
+    recipe = Recipe(imitation_epochs=1, imitation_unrolls=1, unroll_length=5, curriculum=[10, 20],
+                    meta_epochs=20, validate_every=1, stage_patience=1, validation_seeds=1)
+    trainer = MetaTrainer(recipe, mnist, tmp_path, progress=False)
+    # Scripted validation losses: stage 0 baseline, an improvement, a stale validation (the stage
+    # ends and advances), stage 1 baseline, a stale validation (the stage ends: no improvement).
+    scores = iter([1.0, 0.9, 0.95, 0.8, 0.85])
+    horizons, snapshots = [], []
+
+    def scripted_score():
+        horizons.append((trainer.meta_unrolls(), trainer.validation_steps()))
+        snapshots.append({k: v.clone() for k, v in trainer.update_rule.state_dict().items()})
+        return {"loss": next(scores), "accuracy": 0.5}
+
+    monkeypatch.setattr(trainer, "_score", scripted_score)
+    trainer.run()
+
+    assert trainer.finished and trainer.epoch == 1 + 3
+    assert horizons == [(2, 20), (2, 20), (2, 20), (4, 40), (4, 40)]
+    assert trainer.best["loss"] == 0.9
+    decisions = [json.loads(line).get("validation", {}).get("decision")
+                 for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [d for d in decisions if d] == ["stage improved; advancing to stage 1",
+                                           "stage did not improve; stopping"]
+    # Both the next stage and the final update rule start from the best weights, not the latest.
+    for name, tensor in snapshots[1].items():
+        assert torch.equal(snapshots[3][name], tensor)
+        assert torch.equal(trainer.update_rule.state_dict()[name], tensor)
