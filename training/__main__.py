@@ -12,7 +12,7 @@ import sys
 import torch
 
 from .data import load_dataset
-from .meta import MetaTrainer, Recipe
+from .meta import MetaTrainer, Recipe, lambda_search
 from .release import evaluate_release, export_release, git_commit
 
 DESCRIPTIONS = {
@@ -36,9 +36,20 @@ def main(argv=None):
     train.add_argument("--export", default=None, help="release folder to write (default: flatopt/pretrained/NAME)")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     train.add_argument("--eval-seeds", type=int, default=3, help="seeds of the release's evaluation")
-    for recipe_field in dataclasses.fields(Recipe):
-        if recipe_field.type in (int, float, str):
-            train.add_argument(f"--{recipe_field.name.replace('_', '-')}", type=recipe_field.type, default=None)
+
+    search = commands.add_parser("lambda-search", help="compare regularizer weights from one start")
+    search.add_argument("--lambdas", type=float, nargs="+", required=True)
+    search.add_argument("--out", required=True, help="folder for the runs and lambda_search.json")
+    search.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    for command in (train, search):
+        for recipe_field in dataclasses.fields(Recipe):
+            flag = f"--{recipe_field.name.replace('_', '-')}"
+            if recipe_field.type in (int, float, str):
+                command.add_argument(flag, type=recipe_field.type, default=None)
+            elif recipe_field.type is list:
+                element = int if recipe_field.name == "curriculum" else str
+                command.add_argument(flag, type=element, nargs="*", default=None)
     args = parser.parse_args(argv)
 
     if args.command == "data":
@@ -53,6 +64,17 @@ def main(argv=None):
                  if getattr(args, f.name, None) is not None}
     recipe = Recipe(**overrides)
     dataset = load_dataset("mnist")
+
+    if args.command == "lambda-search":
+        results = lambda_search(recipe, dataset, args.lambdas, args.out)
+        print(f"\n{'lambda':>10}  {'grad ratio':>10}  {'regularizer':>11}  validation loss")
+        for r in results:
+            ratio = "n/a" if r["grad_ratio"] is None else f"{r['grad_ratio']:.3g}"
+            value = "n/a" if r["regularizer_value"] is None else f"{r['regularizer_value']:.3g}"
+            print(f"{r['lambda']:>10g}  {ratio:>10}  {value:>11}  {r['best_validation']['loss']:.4f}")
+        print(f"wrote {args.out}/lambda_search.json")
+        return
+
     trainer = MetaTrainer(recipe, dataset, args.out or f"runs/{args.name}", commit=git_commit())
     best = trainer.run()
     print(f"best validation: {best}")

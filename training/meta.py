@@ -10,6 +10,7 @@ The trainer writes a checkpoint after every epoch (atomically) and resumes from 
 JSON line per epoch and validation, and keeps the update rule with the best validation score.
 """
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -523,6 +524,45 @@ class MetaTrainer:
             if "decision" in v:
                 line += f"; {v['decision']}"
         print(line + f"  [{record['elapsed_s']:.0f}s]", flush=True)
+
+
+def lambda_search(recipe, dataset, lambdas, out_dir, progress=True):
+    """Meta-train ``recipe`` once per regularizer weight, from the same start, and compare.
+
+    For each lambda the run logs the regularizer's share of the meta-gradient (the ratio of the
+    norms of its gradient and of the loss's gradient in the update rule's weights), so that a
+    release's lambda can be chosen where the regularizer is material and validation is best.
+
+    Args:
+        recipe: The recipe; its ``regularizer`` must not be ``"none"``. ``reg_lambda`` is replaced.
+        dataset: The image dataset.
+        lambdas: Regularizer weights to try.
+        out_dir: Folder for one run folder per lambda and ``lambda_search.json``.
+        progress: Whether the runs print their epochs.
+
+    Returns:
+        A list of ``{"lambda", "grad_ratio", "regularizer_value", "best_validation"}`` records.
+    """
+    if recipe.flatness_regularizer() is None:
+        raise ValueError("lambda_search needs a recipe with a regularizer")
+    out_dir = pathlib.Path(out_dir)
+    results = []
+    for weight in lambdas:
+        run_dir = out_dir / f"lambda-{weight:g}"
+        trainer = MetaTrainer(dataclasses.replace(recipe, reg_lambda=weight), dataset, run_dir, progress)
+        best = trainer.run()
+        records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        ratios = [r["regularizer_grad_ratio"] for r in records if "regularizer_grad_ratio" in r]
+        values = [r["regularizer_value"] for r in records if "regularizer_value" in r]
+        results.append({
+            "lambda": weight,
+            "grad_ratio": sum(ratios) / len(ratios) if ratios else None,
+            "regularizer_value": sum(values) / len(values) if values else None,
+            "best_validation": best,
+        })
+    summary = {"recipe": asdict(recipe), "results": results}
+    (out_dir / "lambda_search.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return results
 
 
 def _new_stage(index):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flatopt
-from training.meta import MetaTrainer, Recipe, meta_unroll, mnist_tasks
+from training.meta import MetaTrainer, Recipe, lambda_search, meta_unroll, mnist_tasks
 from training.release import export_release
 
 SHORT = dict(imitation_epochs=6, imitation_unrolls=3, meta_epochs=2, meta_unrolls=2,
@@ -138,3 +138,16 @@ def test_curriculum_advances_on_improvement_and_stops_without(mnist, tmp_path, m
     for name, tensor in snapshots[1].items():
         assert torch.equal(snapshots[3][name], tensor)
         assert torch.equal(trainer.update_rule.state_dict()[name], tensor)
+
+
+def test_lambda_search_logs_a_gradient_share_proportional_to_lambda(mnist, tmp_path):
+    recipe = Recipe(imitation_epochs=0, meta_epochs=1, meta_unrolls=1, unroll_length=5,
+                    regularizer="jacobian-trace", validation_steps=5, validation_seeds=1)
+    results = lambda_search(recipe, mnist, [0.1, 1.0], tmp_path, progress=False)
+
+    # Same start, same minibatches: the regularizer's gradient scales with lambda, the loss's does not.
+    small, large = results
+    assert large["grad_ratio"] == pytest.approx(10 * small["grad_ratio"], rel=1e-4)
+    assert small["regularizer_value"] == pytest.approx(large["regularizer_value"])
+    saved = json.loads((tmp_path / "lambda_search.json").read_text())
+    assert [r["lambda"] for r in saved["results"]] == [0.1, 1.0]
