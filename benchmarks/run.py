@@ -15,7 +15,7 @@ import torch
 
 import flatopt
 from training.data import load_dataset
-from training.optimizees import mlp, test_task, train_and_evaluate
+from training.optimizees import conv_mnist, mlp, test_task, train_and_evaluate
 
 # Baseline learning rates: standard values for these models. Recorded in every result file.
 BASELINES = {
@@ -26,6 +26,8 @@ BASELINE_SETTINGS = {"sgd": {"lr": 0.1}, "adam": {"lr": 1e-3}}
 
 OPTIMIZEES = {
     "mlp-relu": lambda: mlp(20, "relu"),
+    "mlp-sigmoid": lambda: mlp(20, "sigmoid"),
+    "conv-mnist": conv_mnist,
 }
 
 

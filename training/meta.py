@@ -486,8 +486,10 @@ class MetaTrainer:
             ValueError: If the checkpoint was written for a different recipe.
         """
         payload = torch.load(path, weights_only=True)
-        if payload["recipe"] != asdict(self.recipe):
-            changed = sorted(k for k in payload["recipe"] if payload["recipe"][k] != asdict(self.recipe).get(k))
+        # Settings added to the recipe after the checkpoint was written count as their defaults.
+        saved = {**asdict(Recipe()), **payload["recipe"]}
+        if saved != asdict(self.recipe):
+            changed = sorted(k for k in saved if saved[k] != asdict(self.recipe).get(k))
             raise ValueError(
                 f"{path} was written for another recipe (differs in {changed}); use a new output "
                 "folder or the same settings to resume"
@@ -499,8 +501,8 @@ class MetaTrainer:
         self.best_weights = payload["best_weights"]
         self.elapsed = payload["elapsed"]
         self.commit = payload["commit"]
-        self.finished = payload["finished"]
-        self.stage = payload["stage"]
+        self.finished = payload.get("finished", False)
+        self.stage = payload.get("stage", _new_stage(0))
 
     def _validation_due(self):
         since_imitation = self.epoch - self.recipe.imitation_epochs

@@ -31,6 +31,20 @@ def mlp(hidden=20, activation="sigmoid", inputs=784, classes=10):
     return nn.Sequential(nn.Linear(inputs, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, classes))
 
 
+def conv_mnist():
+    """Conv-MNIST: conv 16 3x3, 2x2 max-pool, conv 32 5x5, 2x2 max-pool, linear; ReLU after convs.
+
+    Takes flattened 28x28 images, like the MLPs.
+    """
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)),
+        nn.Conv2d(1, 16, 3), nn.ReLU(), nn.MaxPool2d(2),   # (B, 16, 13, 13)
+        nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 4, 4)
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )
+
+
 @dataclass
 class ClassificationTask:
     """A model to train on an image-classification dataset with cross-entropy.
