@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from .weights import DEFAULT_WEIGHTS, load_release
+from .weights import DEFAULT_WEIGHTS, bundled_release, load_release
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         params: Iterable of parameters or of parameter-group dicts.
         weights: Which learned optimizer to run: a bundled release name (see
             :func:`flatopt.list_pretrained`), a local release folder or file, or a Hugging Face Hub id
-            ``owner/name[@revision]``. Defaults to the recommended bundled release. An update-rule
+            ``owner/name[@revision]``. ``None`` (the default) is the recommended bundled release,
+            whatever the working directory holds. An update-rule
             module (e.g. one being meta-trained) is also accepted and used as is, without a copy.
         lr: Multiplier of the learned update.
         weight_decay: Decoupled weight decay coefficient.
@@ -56,7 +57,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             unknown ``nonfinite`` policy, or weights that cannot be loaded.
     """
 
-    def __init__(self, params, weights=DEFAULT_WEIGHTS, *, lr=1.0, weight_decay=0.0, maximize=False,
+    def __init__(self, params, weights=None, *, lr=1.0, weight_decay=0.0, maximize=False,
                  nonfinite="skip", max_update=1.0):
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}; it must be >= 0")
@@ -69,14 +70,23 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if isinstance(weights, torch.nn.Module):
             update_rule, config = weights, {"name": "<in-memory>", "update_rule": weights.config()}
         else:
-            update_rule, config = load_release(weights)
+            update_rule, config = load_release(bundled_release(DEFAULT_WEIGHTS) if weights is None else weights)
+        # The state size travels in every group, so that load_state_dict can tell our state dicts
+        # (also when rebuilt by ZeroRedundancyOptimizer) from other optimizers' ones.
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, nonfinite=nonfinite,
-                        max_update=max_update)
+                        max_update=max_update, recurrent_state_size=update_rule.state_size)
         super().__init__(params, defaults)
         self.update_rule = update_rule
         self.release_config = config
         self._pending_skips = {}  # device -> count of skipped tensor updates not yet reported
         self._steps_since_report = 0
+
+    def __getstate__(self):
+        # torch.optim.Optimizer pickles only defaults, state and groups; the update rule and the
+        # guard's counters belong to the optimizer too (deepcopy and pickle go through here).
+        return {**super().__getstate__(), "update_rule": self.update_rule,
+                "release_config": self.release_config, "_pending_skips": self._pending_skips,
+                "_steps_since_report": self._steps_since_report}
 
     def __repr__(self):
         name = self.release_config.get("name", "<unnamed>")
@@ -92,6 +102,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
             ValueError: If the state was saved by another optimizer, for other parameters, or by a
                 release with another state size; nothing is loaded then.
         """
+        for group in state_dict["param_groups"]:
+            if group.get("recurrent_state_size") != self.update_rule.state_size:
+                raise ValueError(
+                    "this state dict was not saved by a LearnedOptimizer with an update rule of "
+                    f"{self.update_rule.state_size} state floats per coordinate (its groups record "
+                    f"{group.get('recurrent_state_size')!r}); load it into the optimizer that saved it"
+                )
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         if len(saved_ids) != len(params):
@@ -104,9 +121,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         super().load_state_dict(state_dict)
 
-        for group in self.param_groups:  # state dicts from older versions lack newer options
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
         for index, p in enumerate(params):
             if index in recurrent:
                 self.state[p]["lstm_state"] = recurrent[index].to(p.device, torch.float32, copy=True)

@@ -40,8 +40,11 @@ class LSTMUpdateRule(nn.Module):
 
     def __init__(self, hidden_size=20, preprocess_p=10.0, output_scale=0.1):
         super().__init__()
-        if hidden_size < 1:
-            raise ValueError(f"hidden_size must be positive, got {hidden_size}")
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        for name, value in (("preprocess_p", preprocess_p), ("output_scale", output_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if preprocess_p <= 0:
             raise ValueError(f"preprocess_p must be positive, got {preprocess_p}")
         self.hidden_size = int(hidden_size)
@@ -50,12 +53,12 @@ class LSTMUpdateRule(nn.Module):
 
         hidden = self.hidden_size
         # One matrix per cell acting on [input, previous hidden]: a single GEMM per layer and step.
-        self.cell1_weight = nn.Parameter(torch.empty(4 * hidden, 2 + hidden))
-        self.cell1_bias = nn.Parameter(torch.empty(4 * hidden))
-        self.cell2_weight = nn.Parameter(torch.empty(4 * hidden, 2 * hidden))
-        self.cell2_bias = nn.Parameter(torch.empty(4 * hidden))
-        self.output_weight = nn.Parameter(torch.empty(1, hidden))
-        self.output_bias = nn.Parameter(torch.empty(1))
+        self.cell1_weight = nn.Parameter(torch.empty(4 * hidden, 2 + hidden, dtype=torch.float32))
+        self.cell1_bias = nn.Parameter(torch.empty(4 * hidden, dtype=torch.float32))
+        self.cell2_weight = nn.Parameter(torch.empty(4 * hidden, 2 * hidden, dtype=torch.float32))
+        self.cell2_bias = nn.Parameter(torch.empty(4 * hidden, dtype=torch.float32))
+        self.output_weight = nn.Parameter(torch.empty(1, hidden, dtype=torch.float32))
+        self.output_bias = nn.Parameter(torch.empty(1, dtype=torch.float32))
         self.reset_parameters()
 
     @property
@@ -96,8 +99,12 @@ class LSTMUpdateRule(nn.Module):
         if config.get("num_layers", 2) != 2:
             raise ValueError(f"the LSTM update rule has 2 layers, config asks for {config['num_layers']}")
         preprocess = config.get("preprocess", {"kind": "log_sign", "p": 10.0})
-        if preprocess.get("kind") != "log_sign":
-            raise ValueError(f"unknown gradient preprocessing {preprocess.get('kind')!r}; expected 'log_sign'")
+        if not isinstance(preprocess, dict) or preprocess.get("kind") != "log_sign":
+            raise ValueError(f"unknown gradient preprocessing {preprocess!r}; expected kind 'log_sign'")
+        missing = [k for k in ("hidden_size", "output_scale") if k not in config] + (
+            [] if "p" in preprocess else ["preprocess.p"])
+        if missing:
+            raise ValueError(f"the LSTM update rule's config lacks {missing}")
         return cls(
             hidden_size=config["hidden_size"],
             preprocess_p=preprocess["p"],
@@ -169,6 +176,8 @@ def build_update_rule(config):
     Raises:
         ValueError: If the architecture is unknown.
     """
+    if not isinstance(config, dict):
+        raise ValueError(f"an update-rule description must be a JSON object, got {type(config).__name__}")
     architecture = config.get("architecture")
     if architecture not in UPDATE_RULES:
         raise ValueError(

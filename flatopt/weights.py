@@ -19,6 +19,7 @@ import json
 import logging
 import pathlib
 import re
+import warnings
 
 import torch
 from safetensors import SafetensorError
@@ -69,6 +70,14 @@ def resolve_weights(weights):
     if not isinstance(weights, str):
         raise TypeError(f"weights must be a str or pathlib.Path, got {type(weights).__name__}")
     if weights.startswith(("/", "./", "../", "~")) or pathlib.Path(weights).exists():
+        if weights in list_pretrained():
+            warnings.warn(
+                f"weights {weights!r} names both a bundled release and the local path "
+                f"{pathlib.Path(weights).resolve()}; by the resolution rule the local path is used. "
+                f"Pass './{weights}' to say so, or call from another directory for the bundled one.",
+                UserWarning,
+                stacklevel=3,
+            )
         return _release_folder(pathlib.Path(weights))
     if weights in list_pretrained():
         return _PRETRAINED_DIR / weights
@@ -80,6 +89,17 @@ def resolve_weights(weights):
         f"({', '.join(list_pretrained()) or 'none bundled'}), and not a Hugging Face Hub id "
         f"of the form 'owner/name[@revision]'."
     )
+
+
+def bundled_release(name):
+    """Return the folder of the bundled release ``name``, whatever the working directory holds.
+
+    Raises:
+        ValueError: If no bundled release has that name.
+    """
+    if name not in list_pretrained():
+        raise ValueError(f"no bundled release {name!r}; bundled: {', '.join(list_pretrained()) or 'none'}")
+    return _PRETRAINED_DIR / name
 
 
 def load_release(weights):
@@ -98,7 +118,10 @@ def load_release(weights):
     """
     folder = resolve_weights(weights)
     config = read_config(folder / CONFIG_FILE)
-    update_rule = build_update_rule(config["update_rule"])
+    try:
+        update_rule = build_update_rule(config["update_rule"])
+    except ValueError as exc:
+        raise ValueError(f"{folder / CONFIG_FILE}: {exc}") from exc
     tensors = _read_tensors(folder / WEIGHTS_FILE)
     _check_tensors(tensors, update_rule.state_dict(), folder / WEIGHTS_FILE)
     update_rule.load_state_dict(tensors, strict=True)
@@ -121,7 +144,7 @@ def read_config(path):
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(config).__name__}")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise ValueError(
             f"{path}: format_version {version!r} is not supported by this flatopt, which reads "
             f"version {FORMAT_VERSION}. Upgrade flatopt, or use weights exported for version "
@@ -201,7 +224,7 @@ def _check_tensors(tensors, expected, path):
 def _download_from_hub(repo_id, revision):
     # Imported here so that bundled and local weights never pay for the Hub client's import.
     import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         folder = huggingface_hub.snapshot_download(
@@ -214,8 +237,9 @@ def _download_from_hub(repo_id, revision):
         where = f"{repo_id}@{revision}" if revision else repo_id
         raise OSError(
             f"could not get learned-optimizer weights {where!r} from the Hugging Face Hub: {str(exc).rstrip('.')}. "
-            "If this machine is offline, download the repository elsewhere (huggingface-cli download "
-            f"{repo_id}) and pass its local folder as weights, or use a bundled release: "
+            f"If this machine is offline, download the repository elsewhere (`hf download {repo_id}`, "
+            "or `huggingface-cli download` with older huggingface_hub) and pass its local folder as "
+            "weights, or use a bundled release: "
             f"{', '.join(list_pretrained()) or 'none bundled'}."
         ) from exc
     logger.info("loaded weights %s from the Hugging Face Hub cache at %s", repo_id, folder)

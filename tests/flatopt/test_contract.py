@@ -2,6 +2,7 @@
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -51,11 +52,47 @@ def test_deepcopy_and_repr():
     model = make_model()
     opt = flatopt.LearnedOptimizer(model.parameters(), weight_decay=0.01)
     one_step(model, opt)
-    clone = copy.deepcopy(opt)
-    assert "weights: dm" in repr(opt) and "weight_decay: 0.01" in repr(opt)
+    model_clone, clone = copy.deepcopy((model, opt))
+    assert "weights: dm" in repr(opt) and "weight_decay: 0.01" in repr(opt) and repr(clone) == repr(opt)
     for p, q in zip(opt.param_groups[0]["params"], clone.param_groups[0]["params"]):
         assert torch.equal(opt.state[p]["lstm_state"], clone.state[q]["lstm_state"])
         assert opt.state[p]["lstm_state"].data_ptr() != clone.state[q]["lstm_state"].data_ptr()
+    # The copy trains on its own, exactly like the original.
+    one_step(model, opt, seed=3)
+    one_step(model_clone, clone, seed=3)
+    for a, b in zip(model.parameters(), model_clone.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_pickled_optimizer_still_steps():
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters())
+    one_step(model, opt)
+    restored_model, restored = pickle.loads(pickle.dumps((model, opt)))
+    one_step(restored_model, restored, seed=1)
+    assert restored.state[restored_model[0].weight]["step"].item() == 2
+
+
+def test_float64_default_dtype_does_not_break_the_step():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = make_model()
+        opt = flatopt.LearnedOptimizer(model.parameters())
+        one_step(model, opt)
+    finally:
+        torch.set_default_dtype(previous)
+    assert opt.update_rule.cell1_weight.dtype == torch.float32
+    assert model[0].weight.dtype == torch.float64
+
+
+def test_default_weights_ignore_a_same_named_local_folder(tmp_path, monkeypatch):
+    (tmp_path / "dm").mkdir()  # e.g. a meta-training run folder
+    monkeypatch.chdir(tmp_path)
+    opt = flatopt.LearnedOptimizer(make_model().parameters())
+    assert opt.release_config["name"] == "dm"
+    with pytest.warns(UserWarning, match="local path is used"), pytest.raises(FileNotFoundError):
+        flatopt.LearnedOptimizer(make_model().parameters(), "dm")
 
 
 # --- Groups, closures, hooks -----------------------------------------------------------------------

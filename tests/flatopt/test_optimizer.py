@@ -179,6 +179,15 @@ def test_invalid_guard_settings_are_refused(kwargs, message):
         flatopt.LearnedOptimizer(make_model().parameters(), **kwargs)
 
 
+def test_fresh_state_dict_of_another_optimizer_is_refused():
+    model = make_model()
+    adam = torch.optim.Adam(model.parameters())
+    opt = flatopt.LearnedOptimizer(model.parameters(), lr=0.5)
+    with pytest.raises(ValueError, match="not saved by a LearnedOptimizer"):
+        opt.load_state_dict(adam.state_dict())
+    assert opt.param_groups[0]["lr"] == 0.5 and "betas" not in opt.param_groups[0]
+
+
 def test_state_dict_of_another_optimizer_is_refused_without_change():
     model = make_model()
     adam = torch.optim.Adam(model.parameters())

@@ -139,11 +139,18 @@ def _rewrite_config(release, change):
     (lambda c: c["update_rule"].update(architecture="rnn"), "unknown update-rule architecture 'rnn'"),
     (lambda c: c["update_rule"].update(hidden_size=10), "has shape"),
     (lambda c: c.pop("update_rule"), "missing the 'update_rule' section"),
+    (lambda c: c.update(format_version=True), "format_version True is not supported"),
+    (lambda c: c["update_rule"].update(output_scale=float("nan")), "output_scale must be a finite number"),
+    (lambda c: c["update_rule"].update(hidden_size=20.7), "hidden_size must be a positive integer"),
+    (lambda c: c["update_rule"].pop("hidden_size"), "lacks \\['hidden_size'\\]"),
+    (lambda c: c["update_rule"].update(preprocess="log"), "unknown gradient preprocessing"),
+    (lambda c: c.update(update_rule=["lstm"]), "missing the 'update_rule' section"),
 ])
 def test_bad_configs_are_refused(release, change, message):
     _rewrite_config(release, change)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as info:
         flatopt.load_release(release)
+    assert str(release) in str(info.value)  # names the file at fault
 
 
 def test_invalid_json_config_is_refused_naming_the_file(release):
