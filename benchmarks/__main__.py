@@ -11,8 +11,24 @@ import flatopt
 from .run import OPTIMIZEES, format_table, run_benchmark, write_outputs
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    try:
+        _run(parser, argv)
+    except KeyboardInterrupt:
+        parser.exit(130, "\ninterrupted\n")
+    except (ValueError, OSError) as exc:  # unknown optimizer names, missing data or weights
+        parser.exit(2, f"error: {exc}\n")
+
+
+def _run(parser, argv):
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="train meta-test optimizees with several optimizers")
     run.add_argument("--optimizers", nargs="+", default=None,
@@ -20,9 +36,9 @@ def main(argv=None):
                           "bundled release)")
     run.add_argument("--optimizee", default="mlp-relu", choices=sorted(OPTIMIZEES))
     run.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
-    run.add_argument("--steps", type=int, default=1000)
-    run.add_argument("--seeds", type=int, default=3)
-    run.add_argument("--eval-every", type=int, default=100)
+    run.add_argument("--steps", type=positive_int, default=1000)
+    run.add_argument("--seeds", type=positive_int, default=3)
+    run.add_argument("--eval-every", type=positive_int, default=100)
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     run.add_argument("--out", default="results", help="folder for the JSON and PNG outputs")
     args = parser.parse_args(argv)

@@ -25,6 +25,15 @@ DESCRIPTIONS = {
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    try:
+        _run(parser, argv)
+    except KeyboardInterrupt:
+        parser.exit(130, "\ninterrupted; rerun the same command to resume from the last checkpoint\n")
+    except (ValueError, OSError) as exc:  # bad settings, names, files, or data that cannot be had
+        parser.exit(2, f"error: {exc}\n")
+
+
+def _run(parser, argv):
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="fetch and verify the real datasets")

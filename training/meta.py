@@ -22,7 +22,7 @@ import torch
 import flatopt
 
 from . import flatness
-from .optimizees import ClassificationTask, mlp, train_and_evaluate
+from .optimizees import ACTIVATIONS, ClassificationTask, mlp, train_and_evaluate
 
 
 @dataclass
@@ -100,6 +100,28 @@ class Recipe:
     entropy_step_size: float = 0.1
     entropy_noise: float = 1e-4
     entropy_gamma: float = 1e-4
+
+    def __post_init__(self):
+        # Refuse a bad recipe at once, not after an hour of imitation epochs.
+        positive = ["hidden_size", "batch_size", "unroll_length", "imitation_unrolls", "meta_unrolls",
+                    "validate_every", "validation_steps", "validation_seeds", "stage_patience",
+                    "reg_probes", "reg_iterations", "entropy_steps"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"recipe setting {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("imitation_epochs", "meta_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"recipe setting {name} must be >= 0, got {getattr(self, name)}")
+        for activation in [*self.imitation_activations, self.meta_activation]:
+            if activation not in ACTIVATIONS:
+                raise ValueError(f"unknown optimizee activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        if not self.imitation_activations:
+            raise ValueError("imitation_activations must name at least one activation")
+        if any(h < 1 for h in self.curriculum):
+            raise ValueError(f"curriculum horizons must be positive, got {self.curriculum}")
+        if not 0.0 <= self.imitation_probability <= 1.0:
+            raise ValueError(f"imitation_probability must lie in [0, 1], got {self.imitation_probability}")
+        self.flatness_regularizer()  # raises for an unknown regularizer
 
     def flatness_regularizer(self):
         """The configured flatness measure as ``(loss_fn, params) -> scalar``, or ``None``."""

@@ -1,6 +1,7 @@
 """Turn a meta-trained update rule into a release: weights, config with provenance, model card."""
 
 import datetime
+import json
 import pathlib
 import platform
 import statistics
@@ -83,7 +84,10 @@ def model_card(name, description, architecture, provenance, evaluation):
         f"± {100 * r['test_accuracy_std']:.2f} |"
         for task, r in evaluation.items()
     )
-    recipe = "\n".join(f"- `{k}`: {v}" for k, v in provenance["recipe"].items())
+    recipe = "\n".join(f"- `{k}`: `{json.dumps(v)}`" for k, v in provenance["recipe"].items())
+    best = provenance["best_validation"]
+    total_epochs = provenance["recipe"]["imitation_epochs"] + provenance["recipe"]["meta_epochs"]
+    preprocess = architecture["preprocess"]
     return f"""# flatopt release `{name}`
 
 {description}
@@ -91,7 +95,9 @@ def model_card(name, description, architecture, provenance, evaluation):
 Use it with `flatopt.LearnedOptimizer(model.parameters(), "{name}")`.
 
 ## Architecture
-`{architecture}`
+Coordinate-wise {architecture['num_layers']}-layer LSTM ({architecture['architecture']}) with
+{architecture['hidden_size']} units per layer, gradient preprocessing `{preprocess['kind']}` with
+p = {preprocess['p']}, output scale {architecture['output_scale']}.
 
 ## Evaluation (test accuracy after training fresh models with this optimizer alone)
 | optimizee | steps | seeds | test accuracy (mean ± std) |
@@ -103,10 +109,10 @@ Use it with `flatopt.LearnedOptimizer(model.parameters(), "{name}")`.
 - Commit: `{provenance['commit']}`
 - Meta-training wall time: {provenance['meta_training_wall_time_s']} s on {provenance['machine']},
   torch {provenance['torch']}, {provenance['date']}
-- Selected checkpoint: epoch {provenance['best_validation']['epoch']} of {provenance['recipe']['imitation_epochs'] + provenance['recipe']['meta_epochs']}, from the {provenance['best_validation']['phase']} phase
-  (the best loss on 10,000 images held out of the MNIST training set, after
-  {provenance['recipe']['validation_steps']} optimizee steps). Meta-training epochs after it did not
-  improve that validation loss: {provenance['best_validation']}
+- Selected checkpoint: epoch {best['epoch']} of {total_epochs}, from the {best['phase']} phase, with
+  the lowest validation loss ({best['loss']:.4f}, accuracy {100 * best['accuracy']:.2f}%) on 10,000
+  images held out of the MNIST training set after {best.get('steps', provenance['recipe']['validation_steps'])}
+  optimizee steps.
 
 Recipe:
 {recipe}

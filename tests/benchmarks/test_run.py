@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-import flatopt
 from benchmarks.__main__ import main
 from benchmarks.run import format_table, run_benchmark, write_outputs
 
@@ -32,7 +31,14 @@ def test_bundled_dm_reaches_90_percent_on_mlp_relu(mnist):
     assert report["results"]["dm"]["summary"]["test_accuracy_mean"] >= 0.90
 
 
-def test_unknown_optimizer_fails_before_training(capsys):
-    with pytest.raises(ValueError, match="unknown weights"):
+def test_unknown_optimizer_fails_before_training_with_a_clear_message(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["run", "--optimizers", "sgd", "no-such-optimizer", "--steps", "1"])
-    assert flatopt.list_pretrained()
+    assert exit_info.value.code == 2
+    assert "unknown weights 'no-such-optimizer'" in capsys.readouterr().err
+
+
+def test_non_positive_step_counts_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--steps", "0"])
+    assert "must be at least 1" in capsys.readouterr().err

@@ -72,7 +72,7 @@ def test_exported_release_loads_with_provenance(tmp_path):
     rule = flatopt.LSTMUpdateRule()
     evaluation = {"mnist-mlp-relu": {"steps": 10, "seeds": 1, "test_accuracy_mean": 0.5,
                                      "test_accuracy_std": 0.0, "test_accuracies": [0.5]}}
-    validation = {"loss": 1.0, "epoch": 3, "phase": "imitation"}
+    validation = {"loss": 1.0, "accuracy": 0.5, "epoch": 3, "phase": "imitation", "steps": 20}
     folder = export_release(rule, tmp_path / "rel", "trial", dataclasses.asdict(Recipe()),
                             "python -m training train", "0" * 40, 12.5, validation, evaluation,
                             "A trial release.")
