@@ -1,6 +1,8 @@
-"""Command line: ``python -m benchmarks run [options]``."""
+"""Command line: ``python -m benchmarks {run,speed} [options]``."""
 
 import argparse
+import json
+import pathlib
 import sys
 
 import torch
@@ -9,6 +11,7 @@ from tqdm import tqdm
 import flatopt
 
 from .run import OPTIMIZEES, format_table, run_benchmark, write_outputs
+from .speed import DEFAULT_SIZES, format_speed_table, step_costs
 
 
 def positive_int(text):
@@ -41,7 +44,23 @@ def _run(parser, argv):
     run.add_argument("--eval-every", type=positive_int, default=100)
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     run.add_argument("--out", default="results", help="folder for the JSON and PNG outputs")
+    speed = commands.add_parser("speed", help="time the learned optimizer's step against Adam's")
+    speed.add_argument("--sizes", type=positive_int, nargs="+", default=list(DEFAULT_SIZES))
+    speed.add_argument("--repeats", type=positive_int, default=5)
+    speed.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    speed.add_argument("--out", default="results", help="folder for speed.json")
     args = parser.parse_args(argv)
+
+    if args.command == "speed":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        report = step_costs(args.sizes, repeats=args.repeats)
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        print(format_speed_table(report))
+        print(f"\nwrote {out / 'speed.json'}")
+        return
 
     if args.threads:
         torch.set_num_threads(args.threads)
