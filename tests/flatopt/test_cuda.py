@@ -52,3 +52,16 @@ def test_step_never_synchronises_with_the_host_even_with_bad_gradients():
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(before, model[0].weight)
     assert torch.isfinite(model[2].weight).all()
+
+
+def test_state_dict_moves_between_devices_keeping_float32_state():
+    cpu_model = make_model()
+    cpu_opt = flatopt.LearnedOptimizer(cpu_model.parameters())
+    train(cpu_model, cpu_opt, 2, "cpu")
+    cuda_model = make_model().cuda().half()
+    cuda_opt = flatopt.LearnedOptimizer(cuda_model.parameters())
+    cuda_opt.load_state_dict(cpu_opt.state_dict())
+    for p, q in zip(cpu_model.parameters(), cuda_model.parameters()):
+        state = cuda_opt.state[q]["lstm_state"]
+        assert state.device.type == "cuda" and state.dtype == torch.float32
+        assert torch.equal(state.cpu(), cpu_opt.state[p]["lstm_state"])
