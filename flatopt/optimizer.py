@@ -124,6 +124,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for index, p in enumerate(params):
             if index in recurrent:
                 self.state[p]["lstm_state"] = recurrent[index].to(p.device, torch.float32, copy=True)
+                # torch keeps "step" where it was saved; the step counts on the parameter's device.
+                self.state[p]["step"] = self.state[p]["step"].to(p.device, torch.float32)
 
     def _checked_recurrent_state(self, index, p, entry):
         expected = (_as_real(_local(p)).numel(), self.update_rule.state_size)

@@ -65,3 +65,8 @@ def test_state_dict_moves_between_devices_keeping_float32_state():
         state = cuda_opt.state[q]["lstm_state"]
         assert state.device.type == "cuda" and state.dtype == torch.float32
         assert torch.equal(state.cpu(), cpu_opt.state[p]["lstm_state"])
+        assert cuda_opt.state[q]["step"].device.type == "cuda"
+    x = torch.randn(4, 32, device="cuda", dtype=torch.float16)
+    cuda_model(x).float().sum().backward()
+    cuda_opt.step()  # resumes on the device it was loaded onto
+    assert all(cuda_opt.state[q]["step"].item() == 3 for q in cuda_model.parameters())
