@@ -34,20 +34,28 @@ def main(argv=None):
 def _run(parser, argv):
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="train meta-test optimizees with several optimizers")
-    run.add_argument("--optimizers", nargs="+", default=None,
-                     help="sgd, adam and/or learned-optimizer weights (default: sgd, adam and every "
-                          "bundled release)")
+    run.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=None,
+        help="sgd, adam and/or learned-optimizer weights (default: sgd, adam and every "
+        "bundled release)",
+    )
     run.add_argument("--optimizee", default="mlp-relu", choices=sorted(OPTIMIZEES))
     run.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
     run.add_argument("--steps", type=positive_int, default=1000)
     run.add_argument("--seeds", type=positive_int, default=3)
     run.add_argument("--eval-every", type=positive_int, default=100)
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    run.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
     run.add_argument("--out", default="results", help="folder for the JSON and PNG outputs")
     speed = commands.add_parser("speed", help="time the learned optimizer's step against Adam's")
     speed.add_argument("--sizes", type=positive_int, nargs="+", default=list(DEFAULT_SIZES))
     speed.add_argument("--repeats", type=positive_int, default=5)
-    speed.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    speed.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
     speed.add_argument("--out", default="results", help="folder for speed.json")
     args = parser.parse_args(argv)
 
@@ -70,8 +78,9 @@ def _run(parser, argv):
         bar = tqdm(total=total, desc=f"{description:>16}", leave=False, file=sys.stderr)
         return lambda step: (bar.update(1), bar.close() if step == total else None)
 
-    report = run_benchmark(optimizers, args.optimizee, args.dataset, args.steps, args.seeds,
-                           args.eval_every, progress)
+    report = run_benchmark(
+        optimizers, args.optimizee, args.dataset, args.steps, args.seeds, args.eval_every, progress
+    )
     json_path, png_path = write_outputs(report, args.out)
     print(format_table(report))
     print(f"\nwrote {json_path} and {png_path}")

@@ -39,8 +39,15 @@ def make_optimizer_factory(name):
     return lambda params: flatopt.LearnedOptimizer(params, name)
 
 
-def run_benchmark(optimizers, optimizee="mlp-relu", dataset="mnist", steps=1000, seeds=3,
-                  eval_every=100, progress=None):
+def run_benchmark(
+    optimizers,
+    optimizee="mlp-relu",
+    dataset="mnist",
+    steps=1000,
+    seeds=3,
+    eval_every=100,
+    progress=None,
+):
     """Train ``optimizee`` with each optimizer for each seed and summarise.
 
     Args:
@@ -141,7 +148,9 @@ def plot(report, path):
         mean_loss = [statistics.fmean(r["train_loss"][i] for r in runs) for i in range(length)]
         loss_ax.plot(range(1, length + 1), _smooth(mean_loss, 20), label=name)
         steps = runs[0]["eval_steps"]
-        accuracy = [statistics.fmean(r["eval_accuracy"][i] for r in runs) for i in range(len(steps))]
+        accuracy = [
+            statistics.fmean(r["eval_accuracy"][i] for r in runs) for i in range(len(steps))
+        ]
         acc_ax.plot(steps, [100 * a for a in accuracy], marker="o", markersize=3, label=name)
     loss_ax.set_yscale("log")
     loss_ax.set_ylabel("training loss (mean over seeds, smoothed)")

@@ -41,14 +41,23 @@ def step_costs(sizes=DEFAULT_SIZES, weights=None, repeats=5, seed=0):
         param.grad = torch.randn(size, generator=generator) * 1e-3
         adam = time_steps(torch.optim.Adam([param]), repeats)
         learned = time_steps(flatopt.LearnedOptimizer([param], weights), repeats)
-        rows.append({"parameters": size, "adam_s": adam, "learned_s": learned, "ratio": learned / adam})
-    return {"machine": machine_description(), "torch": torch.__version__, "repeats": repeats, "rows": rows}
+        rows.append(
+            {"parameters": size, "adam_s": adam, "learned_s": learned, "ratio": learned / adam}
+        )
+    return {
+        "machine": machine_description(),
+        "torch": torch.__version__,
+        "repeats": repeats,
+        "rows": rows,
+    }
 
 
 def format_speed_table(report):
     """Render :func:`step_costs` as a Markdown table."""
     lines = ["| parameters | Adam step (ms) | learned step (ms) | ratio |", "|---|---|---|---|"]
     for row in report["rows"]:
-        lines.append(f"| {row['parameters']:,} | {1000 * row['adam_s']:.2f} | {1000 * row['learned_s']:.1f} "
-                     f"| {row['ratio']:.0f}x |")
+        lines.append(
+            f"| {row['parameters']:,} | {1000 * row['adam_s']:.2f} | {1000 * row['learned_s']:.1f} "
+            f"| {row['ratio']:.0f}x |"
+        )
     return "\n".join(lines)

@@ -57,24 +57,43 @@ class LearnedOptimizer(torch.optim.Optimizer):
             unknown ``nonfinite`` policy, or weights that cannot be loaded.
     """
 
-    def __init__(self, params, weights=None, *, lr=1.0, weight_decay=0.0, maximize=False,
-                 nonfinite="skip", max_update=1.0):
+    def __init__(
+        self,
+        params,
+        weights=None,
+        *,
+        lr=1.0,
+        weight_decay=0.0,
+        maximize=False,
+        nonfinite="skip",
+        max_update=1.0,
+    ):
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}; it must be >= 0")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}; it must be >= 0")
         if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"Invalid nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
+            raise ValueError(
+                f"Invalid nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}"
+            )
         if not max_update > 0:
             raise ValueError(f"Invalid max_update value: {max_update}; it must be > 0")
         if isinstance(weights, torch.nn.Module):
             update_rule, config = weights, {"name": "<in-memory>", "update_rule": weights.config()}
         else:
-            update_rule, config = load_release(bundled_release(DEFAULT_WEIGHTS) if weights is None else weights)
+            update_rule, config = load_release(
+                bundled_release(DEFAULT_WEIGHTS) if weights is None else weights
+            )
         # The state size travels in every group, so that load_state_dict can tell our state dicts
         # (also when rebuilt by ZeroRedundancyOptimizer) from other optimizers' ones.
-        defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, nonfinite=nonfinite,
-                        max_update=max_update, recurrent_state_size=update_rule.state_size)
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            nonfinite=nonfinite,
+            max_update=max_update,
+            recurrent_state_size=update_rule.state_size,
+        )
         super().__init__(params, defaults)
         self.update_rule = update_rule
         self.release_config = config
@@ -84,9 +103,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def __getstate__(self):
         # torch.optim.Optimizer pickles only defaults, state and groups; the update rule and the
         # guard's counters belong to the optimizer too (deepcopy and pickle go through here).
-        return {**super().__getstate__(), "update_rule": self.update_rule,
-                "release_config": self.release_config, "_pending_skips": self._pending_skips,
-                "_steps_since_report": self._steps_since_report}
+        return {
+            **super().__getstate__(),
+            "update_rule": self.update_rule,
+            "release_config": self.release_config,
+            "_pending_skips": self._pending_skips,
+            "_steps_since_report": self._steps_since_report,
+        }
 
     def __repr__(self):
         name = self.release_config.get("name", "<unnamed>")
@@ -123,7 +146,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         for index, p in enumerate(params):
             if index in recurrent:
-                self.state[p]["lstm_state"] = recurrent[index].to(p.device, torch.float32, copy=True)
+                self.state[p]["lstm_state"] = recurrent[index].to(
+                    p.device, torch.float32, copy=True
+                )
                 # torch keeps "step" where it was saved; the step counts on the parameter's device.
                 self.state[p]["step"] = self.state[p]["step"].to(p.device, torch.float32)
 
@@ -167,7 +192,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             params, grads, states = self._gather(group)
             if params:
-                work.append((group, params, *self._apply_update_rule(grads, states, group["max_update"])))
+                work.append(
+                    (group, params, *self._apply_update_rule(grads, states, group["max_update"]))
+                )
 
         self._raise_on_bad_tensors(work)
 

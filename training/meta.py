@@ -103,24 +103,41 @@ class Recipe:
 
     def __post_init__(self):
         # Refuse a bad recipe at once, not after an hour of imitation epochs.
-        positive = ["hidden_size", "batch_size", "unroll_length", "imitation_unrolls", "meta_unrolls",
-                    "validate_every", "validation_steps", "validation_seeds", "stage_patience",
-                    "reg_probes", "reg_iterations", "entropy_steps"]
+        positive = [
+            "hidden_size",
+            "batch_size",
+            "unroll_length",
+            "imitation_unrolls",
+            "meta_unrolls",
+            "validate_every",
+            "validation_steps",
+            "validation_seeds",
+            "stage_patience",
+            "reg_probes",
+            "reg_iterations",
+            "entropy_steps",
+        ]
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"recipe setting {name} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"recipe setting {name} must be at least 1, got {getattr(self, name)}"
+                )
         for name in ("imitation_epochs", "meta_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"recipe setting {name} must be >= 0, got {getattr(self, name)}")
         for activation in [*self.imitation_activations, self.meta_activation]:
             if activation not in ACTIVATIONS:
-                raise ValueError(f"unknown optimizee activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+                raise ValueError(
+                    f"unknown optimizee activation {activation!r}; choose from {sorted(ACTIVATIONS)}"
+                )
         if not self.imitation_activations:
             raise ValueError("imitation_activations must name at least one activation")
         if any(h < 1 for h in self.curriculum):
             raise ValueError(f"curriculum horizons must be positive, got {self.curriculum}")
         if not 0.0 <= self.imitation_probability <= 1.0:
-            raise ValueError(f"imitation_probability must lie in [0, 1], got {self.imitation_probability}")
+            raise ValueError(
+                f"imitation_probability must lie in [0, 1], got {self.imitation_probability}"
+            )
         self.flatness_regularizer()  # raises for an unknown regularizer
 
     def flatness_regularizer(self):
@@ -130,15 +147,22 @@ class Recipe:
             "hessian-trace": {"probes": self.reg_probes},
             "hessian-ev": {"iterations": self.reg_iterations},
             "jacobian-trace": {},
-            "entropy": {"steps": self.entropy_steps, "step_size": self.entropy_step_size,
-                        "noise": self.entropy_noise, "gamma": self.entropy_gamma},
+            "entropy": {
+                "steps": self.entropy_steps,
+                "step_size": self.entropy_step_size,
+                "noise": self.entropy_noise,
+                "gamma": self.entropy_gamma,
+            },
         }
         if self.regularizer not in options:
-            raise ValueError(f"unknown regularizer {self.regularizer!r}; choose from {sorted(options)}")
+            raise ValueError(
+                f"unknown regularizer {self.regularizer!r}; choose from {sorted(options)}"
+            )
         if options[self.regularizer] is None:
             return None
-        return lambda loss_fn, params: flatness.measure(self.regularizer, loss_fn, params,
-                                                        **options[self.regularizer])
+        return lambda loss_fn, params: flatness.measure(
+            self.regularizer, loss_fn, params, **options[self.regularizer]
+        )
 
 
 def mnist_tasks(dataset, activation, batch_size, validation_size=10000):
@@ -237,13 +261,13 @@ def meta_unroll(update_rule, task, params, rule_state, generator, steps, regular
         grad = torch.cat([g.reshape(-1) for g in grads]).detach()
         update, rule_state = update_rule(grad, rule_state)
         current = {
-            n: current[n] + u.view(shape)
-            for n, u, shape in zip(names, update.split(sizes), shapes)
+            n: current[n] + u.view(shape) for n, u, shape in zip(names, update.split(sizes), shapes)
         }
         total = total + loss
 
     regularization = None
     if regularizer is not None:
+
         def loss_fn(values):
             return task.loss(dict(zip(names, values)), *task.sample_batch(generator))
 
@@ -261,7 +285,9 @@ def validate(update_rule, task, steps, seeds):
     """
     losses, accuracies = [], []
     for seed in seeds:
-        curves = train_and_evaluate(task, lambda p: flatopt.LearnedOptimizer(p, update_rule), steps, seed)
+        curves = train_and_evaluate(
+            task, lambda p: flatopt.LearnedOptimizer(p, update_rule), steps, seed
+        )
         losses.append(math.inf if curves["diverged"] else curves["eval_loss"][-1])
         accuracies.append(curves["eval_accuracy"][-1])
     return {"loss": sum(losses) / len(losses), "accuracy": sum(accuracies) / len(accuracies)}
@@ -285,8 +311,12 @@ class MetaTrainer:
         self.out_dir = pathlib.Path(out_dir)
         self.progress = progress
         torch.manual_seed(recipe.seed)
-        self.update_rule = flatopt.LSTMUpdateRule(recipe.hidden_size, recipe.preprocess_p, recipe.output_scale)
-        self.meta_optimizer = torch.optim.Adam(self.update_rule.parameters(), lr=recipe.imitation_meta_lr)
+        self.update_rule = flatopt.LSTMUpdateRule(
+            recipe.hidden_size, recipe.preprocess_p, recipe.output_scale
+        )
+        self.meta_optimizer = torch.optim.Adam(
+            self.update_rule.parameters(), lr=recipe.imitation_meta_lr
+        )
         self.epoch = 0  # epochs finished, imitation and meta-training counted together
         self.best = {"loss": math.inf, "epoch": None}
         self.best_weights = None
@@ -296,7 +326,9 @@ class MetaTrainer:
         self.stage = _new_stage(0)
         self.validation_task = mnist_tasks(dataset, recipe.meta_activation, recipe.batch_size)
         if recipe.init_weights:
-            self.update_rule.load_state_dict(flatopt.load_release(recipe.init_weights)[0].state_dict())
+            self.update_rule.load_state_dict(
+                flatopt.load_release(recipe.init_weights)[0].state_dict()
+            )
 
     @property
     def total_epochs(self):
@@ -339,7 +371,9 @@ class MetaTrainer:
         recipe = self.recipe
         warm_start = epoch < recipe.imitation_epochs
         # A separate generator, so that the coin does not shift the epoch's minibatches.
-        coin = torch.rand((), generator=torch.Generator().manual_seed(recipe.seed * 7_919 + epoch)).item()
+        coin = torch.rand(
+            (), generator=torch.Generator().manual_seed(recipe.seed * 7_919 + epoch)
+        ).item()
         imitation = warm_start or coin < recipe.imitation_probability
         if imitation:
             activation = recipe.imitation_activations[epoch % len(recipe.imitation_activations)]
@@ -361,13 +395,24 @@ class MetaTrainer:
         for _ in range(recipe.imitation_unrolls if imitation else self.meta_unrolls()):
             if imitation:
                 loss, rule_state = imitation_unroll(
-                    self.update_rule, task, params, teacher, rule_state, generator,
-                    recipe.unroll_length, recipe.teacher_lr,
+                    self.update_rule,
+                    task,
+                    params,
+                    teacher,
+                    rule_state,
+                    generator,
+                    recipe.unroll_length,
+                    recipe.teacher_lr,
                 )
                 regularization = None
             else:
                 loss, regularization, params, rule_state = meta_unroll(
-                    self.update_rule, task, params, rule_state, generator, recipe.unroll_length,
+                    self.update_rule,
+                    task,
+                    params,
+                    rule_state,
+                    generator,
+                    recipe.unroll_length,
                     regularizer,
                 )
             self.meta_optimizer.zero_grad(set_to_none=True)
@@ -377,7 +422,11 @@ class MetaTrainer:
                 ratio = self._backward_with_regularizer(loss, recipe.reg_lambda * regularization)
                 reg_values.append(regularization.item())
                 reg_ratios.append(ratio)
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(self.update_rule.parameters(), recipe.max_grad_norm).item())
+            grad_norms.append(
+                torch.nn.utils.clip_grad_norm_(
+                    self.update_rule.parameters(), recipe.max_grad_norm
+                ).item()
+            )
             self.meta_optimizer.step()
             losses.append(loss.item())
         record = {
@@ -405,8 +454,12 @@ class MetaTrainer:
         penalty_grads = torch.autograd.grad(penalty, weights, allow_unused=True)
         for weight, a, b in zip(weights, loss_grads, penalty_grads):
             weight.grad = _zero_if_none(a, weight) + _zero_if_none(b, weight)
-        loss_norm = torch.sqrt(sum(_zero_if_none(g, w).pow(2).sum() for g, w in zip(loss_grads, weights)))
-        penalty_norm = torch.sqrt(sum(_zero_if_none(g, w).pow(2).sum() for g, w in zip(penalty_grads, weights)))
+        loss_norm = torch.sqrt(
+            sum(_zero_if_none(g, w).pow(2).sum() for g, w in zip(loss_grads, weights))
+        )
+        penalty_norm = torch.sqrt(
+            sum(_zero_if_none(g, w).pow(2).sum() for g, w in zip(penalty_grads, weights))
+        )
         return (penalty_norm / loss_norm.clamp_min(1e-30)).item()
 
     def validate_and_keep_best(self):
@@ -440,10 +493,16 @@ class MetaTrainer:
         self.stage["baseline"] = self.stage["best"] = score["loss"]
         if self.best_weights is None:
             self._keep_best(score)
-        self._log({"event": "stage start", "stage": self.stage["index"],
-                   "horizon": self.recipe.curriculum[self.stage["index"]],
-                   "validation_steps": self.validation_steps(), "baseline": score,
-                   "elapsed_s": round(self.elapsed, 1)})
+        self._log(
+            {
+                "event": "stage start",
+                "stage": self.stage["index"],
+                "horizon": self.recipe.curriculum[self.stage["index"]],
+                "validation_steps": self.validation_steps(),
+                "baseline": score,
+                "elapsed_s": round(self.elapsed, 1),
+            }
+        )
 
     def _validate_stage(self):
         score = self._score()
@@ -466,11 +525,15 @@ class MetaTrainer:
             self.stage = _new_stage(self.stage["index"] + 1)
             return f"stage improved; advancing to stage {self.stage['index']}"
         self.finished = True
-        return "stage improved; curriculum complete" if improved else "stage did not improve; stopping"
+        return (
+            "stage improved; curriculum complete" if improved else "stage did not improve; stopping"
+        )
 
     def _keep_best(self, score):
         self.best = {**score, "epoch": self.epoch, "steps": self.validation_steps()}
-        self.best_weights = {k: v.detach().clone() for k, v in self.update_rule.state_dict().items()}
+        self.best_weights = {
+            k: v.detach().clone() for k, v in self.update_rule.state_dict().items()
+        }
 
     def best_phase(self):
         """``"imitation"`` or ``"meta"``: the phase that produced the best validated weights."""
@@ -479,7 +542,9 @@ class MetaTrainer:
 
     def best_update_rule(self):
         """Return a copy of the update rule with the best validated weights (current ones if none)."""
-        rule = flatopt.LSTMUpdateRule(self.recipe.hidden_size, self.recipe.preprocess_p, self.recipe.output_scale)
+        rule = flatopt.LSTMUpdateRule(
+            self.recipe.hidden_size, self.recipe.preprocess_p, self.recipe.output_scale
+        )
         rule.load_state_dict(self.best_weights or self.update_rule.state_dict())
         return rule
 
@@ -536,8 +601,11 @@ class MetaTrainer:
         if not self.progress:
             return
         if "event" in record:
-            print(f"{record['event']} {record['stage']}: horizon {record['horizon']} steps, validated at "
-                  f"{record['validation_steps']}; baseline loss {record['baseline']['loss']:.4f}", flush=True)
+            print(
+                f"{record['event']} {record['stage']}: horizon {record['horizon']} steps, validated at "
+                f"{record['validation_steps']}; baseline loss {record['baseline']['loss']:.4f}",
+                flush=True,
+            )
             return
         line = f"epoch {record['epoch'] + 1}/{self.total_epochs} {record['phase']:9s} loss {record['loss']:.4f}"
         if "regularizer_grad_ratio" in record:
@@ -573,19 +641,25 @@ def lambda_search(recipe, dataset, lambdas, out_dir, progress=True):
     results = []
     for weight in lambdas:
         run_dir = out_dir / f"lambda-{weight:g}"
-        trainer = MetaTrainer(dataclasses.replace(recipe, reg_lambda=weight), dataset, run_dir, progress)
+        trainer = MetaTrainer(
+            dataclasses.replace(recipe, reg_lambda=weight), dataset, run_dir, progress
+        )
         best = trainer.run()
         records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
         ratios = [r["regularizer_grad_ratio"] for r in records if "regularizer_grad_ratio" in r]
         values = [r["regularizer_value"] for r in records if "regularizer_value" in r]
-        results.append({
-            "lambda": weight,
-            "grad_ratio": sum(ratios) / len(ratios) if ratios else None,
-            "regularizer_value": sum(values) / len(values) if values else None,
-            "best_validation": best,
-        })
+        results.append(
+            {
+                "lambda": weight,
+                "grad_ratio": sum(ratios) / len(ratios) if ratios else None,
+                "regularizer_value": sum(values) / len(values) if values else None,
+                "best_validation": best,
+            }
+        )
     summary = {"recipe": asdict(recipe), "results": results}
-    (out_dir / "lambda_search.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    (out_dir / "lambda_search.json").write_text(
+        json.dumps(summary, indent=1) + "\n", encoding="utf-8"
+    )
     return results
 
 
@@ -602,5 +676,5 @@ def _add_flat_(params, flat):
     with torch.no_grad():
         for name, value in params.items():
             n = value.numel()
-            params[name] = (value + flat[offset:offset + n].view_as(value)).detach()
+            params[name] = (value + flat[offset : offset + n].view_as(value)).detach()
             offset += n

@@ -28,7 +28,9 @@ def mlp(hidden=20, activation="sigmoid", inputs=784, classes=10):
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
-    return nn.Sequential(nn.Linear(inputs, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, classes))
+    return nn.Sequential(
+        nn.Linear(inputs, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, classes)
+    )
 
 
 def conv_mnist():
@@ -38,8 +40,12 @@ def conv_mnist():
     """
     return nn.Sequential(
         nn.Unflatten(1, (1, 28, 28)),
-        nn.Conv2d(1, 16, 3), nn.ReLU(), nn.MaxPool2d(2),   # (B, 16, 13, 13)
-        nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 4, 4)
+        nn.Conv2d(1, 16, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # (B, 16, 13, 13)
+        nn.Conv2d(16, 32, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # (B, 32, 4, 4)
         nn.Flatten(),
         nn.Linear(32 * 4 * 4, 10),
     )
@@ -119,8 +125,8 @@ def evaluate(model, images, labels, batch_size=10000):
     """Return ``(mean cross-entropy, accuracy)`` of ``model`` on a labelled set."""
     total_loss, correct = 0.0, 0
     for start in range(0, len(labels), batch_size):
-        logits = model(images[start:start + batch_size])
-        target = labels[start:start + batch_size]
+        logits = model(images[start : start + batch_size])
+        target = labels[start : start + batch_size]
         total_loss += nn.functional.cross_entropy(logits, target, reduction="sum").item()
         correct += (logits.argmax(1) == target).sum().item()
     return total_loss / len(labels), correct / len(labels)
@@ -145,7 +151,13 @@ def train_and_evaluate(task, make_optimizer, steps, seed, eval_every=None, on_st
     model = task.new_model(seed)
     optimizer = make_optimizer(model.parameters())
     generator = torch.Generator().manual_seed(seed)
-    curves = {"train_loss": [], "eval_steps": [], "eval_loss": [], "eval_accuracy": [], "diverged": False}
+    curves = {
+        "train_loss": [],
+        "eval_steps": [],
+        "eval_loss": [],
+        "eval_accuracy": [],
+        "diverged": False,
+    }
 
     for step in range(1, steps + 1):
         images, labels = task.sample_batch(generator)

@@ -29,7 +29,9 @@ def evaluate_release(update_rule, dataset, steps=1000, seeds=3):
         task = test_task(lambda a=activation: mlp(20, a), dataset, name)
         accuracies = []
         for seed in range(seeds):
-            curves = train_and_evaluate(task, lambda p: flatopt.LearnedOptimizer(p, update_rule), steps, seed)
+            curves = train_and_evaluate(
+                task, lambda p: flatopt.LearnedOptimizer(p, update_rule), steps, seed
+            )
             accuracies.append(curves["eval_accuracy"][-1])
         results[f"{dataset.name}-{name}"] = {
             "steps": steps,
@@ -41,8 +43,18 @@ def evaluate_release(update_rule, dataset, steps=1000, seeds=3):
     return results
 
 
-def export_release(update_rule, folder, name, recipe, command, commit, wall_time_s, validation,
-                   evaluation, description):
+def export_release(
+    update_rule,
+    folder,
+    name,
+    recipe,
+    command,
+    commit,
+    wall_time_s,
+    validation,
+    evaluation,
+    description,
+):
     """Write the release folder: ``model.safetensors``, ``config.json`` and ``README.md``.
 
     Args:
@@ -69,11 +81,18 @@ def export_release(update_rule, folder, name, recipe, command, commit, wall_time
         "best_validation": validation,
     }
     folder = flatopt.save_release(
-        update_rule, folder, name=name, description=description, license=LICENSE,
-        provenance=provenance, evaluation=evaluation,
+        update_rule,
+        folder,
+        name=name,
+        description=description,
+        license=LICENSE,
+        provenance=provenance,
+        evaluation=evaluation,
     )
-    (folder / "README.md").write_text(model_card(name, description, update_rule.config(), provenance, evaluation),
-                                      encoding="utf-8")
+    (folder / "README.md").write_text(
+        model_card(name, description, update_rule.config(), provenance, evaluation),
+        encoding="utf-8",
+    )
     return folder
 
 
@@ -130,10 +149,16 @@ def git_commit():
     """The checkout's commit, marked when tracked files had uncommitted changes; or ``"unknown"``."""
     try:
         root = pathlib.Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return commit + ("+uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

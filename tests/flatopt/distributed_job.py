@@ -63,7 +63,7 @@ def union_batch(dataset, step):
     x, y = dataset
     size = BATCH_PER_RANK * WORLD_SIZE
     start = (step * size) % len(x)
-    return x[start:start + size], y[start:start + size]
+    return x[start : start + size], y[start : start + size]
 
 
 def rank_batch(dataset, step, rank):

@@ -53,7 +53,11 @@ def test_deepcopy_and_repr():
     opt = flatopt.LearnedOptimizer(model.parameters(), weight_decay=0.01)
     one_step(model, opt)
     model_clone, clone = copy.deepcopy((model, opt))
-    assert "weights: dm" in repr(opt) and "weight_decay: 0.01" in repr(opt) and repr(clone) == repr(opt)
+    assert (
+        "weights: dm" in repr(opt)
+        and "weight_decay: 0.01" in repr(opt)
+        and repr(clone) == repr(opt)
+    )
     for p, q in zip(opt.param_groups[0]["params"], clone.param_groups[0]["params"]):
         assert torch.equal(opt.state[p]["lstm_state"], clone.state[q]["lstm_state"])
         assert opt.state[p]["lstm_state"].data_ptr() != clone.state[q]["lstm_state"].data_ptr()
@@ -102,8 +106,10 @@ def test_groups_use_their_own_lr_and_weight_decay():
     model = make_model()
     frozen_before = model[0].weight.detach().clone()
     opt = flatopt.LearnedOptimizer(
-        [{"params": model[0].parameters(), "lr": 0.0},
-         {"params": model[2].parameters(), "weight_decay": 0.5}],
+        [
+            {"params": model[0].parameters(), "lr": 0.0},
+            {"params": model[2].parameters(), "weight_decay": 0.5},
+        ],
         lr=1.0,
     )
     assert opt.param_groups[1]["lr"] == 1.0 and opt.param_groups[0]["weight_decay"] == 0.0
@@ -146,12 +152,18 @@ def test_zero_grad_sets_gradients_to_none():
 # --- Schedulers and mixed precision ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make_scheduler", [
-    lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
-    lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5),
-    lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=6, cycle_momentum=False),
-    lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5),
-], ids=["StepLR", "CosineAnnealingLR", "OneCycleLR", "ReduceLROnPlateau"])
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+        lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5),
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=1.0, total_steps=6, cycle_momentum=False
+        ),
+        lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5),
+    ],
+    ids=["StepLR", "CosineAnnealingLR", "OneCycleLR", "ReduceLROnPlateau"],
+)
 def test_lr_schedulers_drive_lr(make_scheduler):
     model = make_model()
     opt = flatopt.LearnedOptimizer(model.parameters())
@@ -171,7 +183,7 @@ def test_lr_schedulers_drive_lr(make_scheduler):
 def test_grad_scaler_skips_overflow_steps_without_advancing_state():
     model = make_model()
     opt = flatopt.LearnedOptimizer(model.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
 
     opt.zero_grad()
     scaler.scale(loss_of(model)).backward()
@@ -186,7 +198,7 @@ def test_grad_scaler_skips_overflow_steps_without_advancing_state():
     first.grad[0, 0] = float("inf")  # force an overflow
     scaler.step(opt)
     scaler.update()
-    assert scaler.get_scale() < 2.0 ** 8
+    assert scaler.get_scale() < 2.0**8
     assert torch.equal(opt.state[first]["lstm_state"], state_before)
     assert opt.state[first]["step"].item() == 1
     for a, b in zip(params_before, model.parameters()):
@@ -223,7 +235,7 @@ def test_zero_size_zero_dim_and_non_contiguous_parameters():
     assert not strided.is_contiguous()
     opt = flatopt.LearnedOptimizer([empty, scalar, strided])
     strided_before, strides = strided.detach().clone(), strided.stride()
-    (scalar ** 2 + (strided ** 2).sum() + empty.sum()).backward()
+    (scalar**2 + (strided**2).sum() + empty.sum()).backward()
     opt.step()
     assert empty.shape == (0, 4)
     assert scalar.item() != 1.5
@@ -255,7 +267,7 @@ def test_complex_parameter_is_optimized_as_pairs_of_real_coordinates():
         (z.abs() ** 2).sum().backward()
         z_opt.step()
         pairs_opt.zero_grad()
-        (pairs ** 2).sum().backward()
+        (pairs**2).sum().backward()
         pairs_opt.step()
     torch.testing.assert_close(torch.view_as_real(z.detach()), pairs.detach())
     assert z_opt.state[z]["lstm_state"].shape == (4, 80)
@@ -264,7 +276,9 @@ def test_complex_parameter_is_optimized_as_pairs_of_real_coordinates():
 def test_sparse_gradient_is_refused_before_any_parameter_moves():
     dense = torch.nn.Linear(4, 4)
     embedding = torch.nn.Embedding(10, 4, sparse=True)
-    opt = flatopt.LearnedOptimizer([{"params": dense.parameters()}, {"params": embedding.parameters()}])
+    opt = flatopt.LearnedOptimizer(
+        [{"params": dense.parameters()}, {"params": embedding.parameters()}]
+    )
     before = [p.detach().clone() for p in (*dense.parameters(), *embedding.parameters())]
     (dense(embedding(torch.tensor([1, 2]))).sum()).backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):

@@ -77,7 +77,10 @@ def test_distributed_run_matches_single_process_on_the_union_batch(job):
     for label, (ranks, single) in job.items():
         for name, expected in single["params"].items():
             torch.testing.assert_close(
-                ranks[0]["params"][name], expected, rtol=1e-4, atol=1e-5,
+                ranks[0]["params"][name],
+                expected,
+                rtol=1e-4,
+                atol=1e-5,
                 msg=lambda message: f"{label}, parameter {name}: {message}",
             )
         # The loss of the union batch is the mean of the two ranks' losses on their halves.
@@ -129,6 +132,7 @@ def test_gradient_placed_unlike_its_parameter_is_refused(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Redistribute the gradient" in result.stdout, result.stdout
+
 
 def _run_job(mode, out_dir, weights):
     # A session of its own lets a hung job be killed together with the ranks it spawned.

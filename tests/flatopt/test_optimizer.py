@@ -172,8 +172,10 @@ def test_skip_warning_names_the_parameter_and_large_updates_are_refused():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kwargs, message", [({"nonfinite": "ignore"}, "nonfinite policy"),
-                                             ({"max_update": 0.0}, "max_update")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"nonfinite": "ignore"}, "nonfinite policy"), ({"max_update": 0.0}, "max_update")],
+)
 def test_invalid_guard_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         flatopt.LearnedOptimizer(make_model().parameters(), **kwargs)
@@ -212,8 +214,9 @@ def test_state_dict_for_other_shapes_is_refused():
     assert not other_opt.state
 
 
-@pytest.mark.parametrize("kwargs, message", [({"lr": -1.0}, "learning rate"),
-                                             ({"weight_decay": -0.1}, "weight_decay")])
+@pytest.mark.parametrize(
+    "kwargs, message", [({"lr": -1.0}, "learning rate"), ({"weight_decay": -0.1}, "weight_decay")]
+)
 def test_invalid_hyperparameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         flatopt.LearnedOptimizer(make_model().parameters(), **kwargs)

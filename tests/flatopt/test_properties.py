@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 import flatopt
 
 # A bounded profile: CI must stay fast, and each example builds optimizers.
-settings.register_profile("flatopt", max_examples=30, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "flatopt", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile("flatopt")
 
 shapes = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
@@ -87,4 +88,3 @@ def test_lr_zero_is_an_exact_no_op(params):
     flatopt.LearnedOptimizer(params, lr=0.0, weight_decay=0.3).step()
     for p, old in zip(params, before):
         assert torch.equal(p, old)
-

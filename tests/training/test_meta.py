@@ -11,8 +11,15 @@ import flatopt
 from training.meta import MetaTrainer, Recipe, lambda_search, meta_unroll, mnist_tasks
 from training.release import export_release
 
-SHORT = dict(imitation_epochs=6, imitation_unrolls=3, meta_epochs=2, meta_unrolls=2,
-             validate_every=1, validation_steps=30, validation_seeds=1)
+SHORT = dict(
+    imitation_epochs=6,
+    imitation_unrolls=3,
+    meta_epochs=2,
+    meta_unrolls=2,
+    validate_every=1,
+    validation_steps=30,
+    validation_seeds=1,
+)
 
 
 def fixed_unroll_loss(rule, mnist, steps=60):
@@ -20,7 +27,9 @@ def fixed_unroll_loss(rule, mnist, steps=60):
     task = mnist_tasks(mnist, "sigmoid", 128)
     params = task.init_params(seed=777)
     state = rule.initial_state(sum(p.numel() for p in params.values()))
-    loss, _, _, _ = meta_unroll(rule, task, params, state, torch.Generator().manual_seed(777), steps)
+    loss, _, _, _ = meta_unroll(
+        rule, task, params, state, torch.Generator().manual_seed(777), steps
+    )
     return loss.item()
 
 
@@ -43,8 +52,16 @@ def test_short_meta_training_lowers_the_meta_loss(mnist, tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_run(mnist, tmp_path):
-    recipe = Recipe(imitation_epochs=2, imitation_unrolls=1, meta_epochs=2, meta_unrolls=1, unroll_length=5,
-                    validate_every=1, validation_steps=5, validation_seeds=1)
+    recipe = Recipe(
+        imitation_epochs=2,
+        imitation_unrolls=1,
+        meta_epochs=2,
+        meta_unrolls=1,
+        unroll_length=5,
+        validate_every=1,
+        validation_steps=5,
+        validation_seeds=1,
+    )
     straight = MetaTrainer(recipe, mnist, tmp_path / "straight", progress=False)
     straight.run()
 
@@ -59,8 +76,14 @@ def test_resumed_run_equals_uninterrupted_run(mnist, tmp_path):
 
 
 def test_resume_with_another_recipe_is_refused(mnist, tmp_path):
-    recipe = Recipe(imitation_epochs=1, imitation_unrolls=1, meta_epochs=0, unroll_length=3,
-                    validation_steps=5, validation_seeds=1)
+    recipe = Recipe(
+        imitation_epochs=1,
+        imitation_unrolls=1,
+        meta_epochs=0,
+        unroll_length=3,
+        validation_steps=5,
+        validation_seeds=1,
+    )
     MetaTrainer(recipe, mnist, tmp_path, progress=False).run()
     changed = dataclasses.replace(recipe, teacher_lr=0.5)
     with pytest.raises(ValueError, match="teacher_lr"):
@@ -70,12 +93,28 @@ def test_resume_with_another_recipe_is_refused(mnist, tmp_path):
 def test_exported_release_loads_with_provenance(tmp_path):
     torch.manual_seed(0)
     rule = flatopt.LSTMUpdateRule()
-    evaluation = {"mnist-mlp-relu": {"steps": 10, "seeds": 1, "test_accuracy_mean": 0.5,
-                                     "test_accuracy_std": 0.0, "test_accuracies": [0.5]}}
+    evaluation = {
+        "mnist-mlp-relu": {
+            "steps": 10,
+            "seeds": 1,
+            "test_accuracy_mean": 0.5,
+            "test_accuracy_std": 0.0,
+            "test_accuracies": [0.5],
+        }
+    }
     validation = {"loss": 1.0, "accuracy": 0.5, "epoch": 3, "phase": "imitation", "steps": 20}
-    folder = export_release(rule, tmp_path / "rel", "trial", dataclasses.asdict(Recipe()),
-                            "python -m training train", "0" * 40, 12.5, validation, evaluation,
-                            "A trial release.")
+    folder = export_release(
+        rule,
+        tmp_path / "rel",
+        "trial",
+        dataclasses.asdict(Recipe()),
+        "python -m training train",
+        "0" * 40,
+        12.5,
+        validation,
+        evaluation,
+        "A trial release.",
+    )
     loaded, config = flatopt.load_release(folder)
     assert config["name"] == "trial"
     assert config["provenance"]["seed"] == 0
@@ -85,17 +124,28 @@ def test_exported_release_loads_with_provenance(tmp_path):
         assert torch.equal(tensor, loaded.state_dict()[name])
 
 
-@pytest.mark.parametrize("regularizer, options", [
-    ("hessian-trace", {"reg_probes": 2}),
-    ("hessian-ev", {"reg_iterations": 3}),
-    ("jacobian-trace", {}),
-    ("entropy", {"entropy_gamma": 1.0, "entropy_steps": 3}),
-])
+@pytest.mark.parametrize(
+    "regularizer, options",
+    [
+        ("hessian-trace", {"reg_probes": 2}),
+        ("hessian-ev", {"reg_iterations": 3}),
+        ("jacobian-trace", {}),
+        ("entropy", {"entropy_gamma": 1.0, "entropy_steps": 3}),
+    ],
+)
 def test_each_regularizer_reaches_the_update_rule_weights(mnist, tmp_path, regularizer, options):
-    recipe = Recipe(imitation_epochs=0, meta_epochs=1, meta_unrolls=1, unroll_length=5,
-                    regularizer=regularizer, reg_lambda=1.0, **options)
-    plain = MetaTrainer(dataclasses.replace(recipe, regularizer="none"), mnist, tmp_path / "plain",
-                        progress=False)
+    recipe = Recipe(
+        imitation_epochs=0,
+        meta_epochs=1,
+        meta_unrolls=1,
+        unroll_length=5,
+        regularizer=regularizer,
+        reg_lambda=1.0,
+        **options,
+    )
+    plain = MetaTrainer(
+        dataclasses.replace(recipe, regularizer="none"), mnist, tmp_path / "plain", progress=False
+    )
     regularized = MetaTrainer(recipe, mnist, tmp_path / "reg", progress=False)
     regularized.update_rule.load_state_dict(plain.update_rule.state_dict())
 
@@ -105,14 +155,24 @@ def test_each_regularizer_reaches_the_update_rule_weights(mnist, tmp_path, regul
     # Same optimizee, minibatches and starting weights: only the regularizer differs.
     assert record["regularizer"] == regularizer and math.isfinite(record["regularizer_value"])
     assert record["regularizer_grad_ratio"] > 1e-3, record
-    changed = [not torch.equal(a, b) for a, b in zip(plain.update_rule.parameters(),
-                                                      regularized.update_rule.parameters())]
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(plain.update_rule.parameters(), regularized.update_rule.parameters())
+    ]
     assert any(changed)
 
 
 def test_curriculum_advances_on_improvement_and_stops_without(mnist, tmp_path, monkeypatch):
-    recipe = Recipe(imitation_epochs=1, imitation_unrolls=1, unroll_length=5, curriculum=[10, 20],
-                    meta_epochs=20, validate_every=1, stage_patience=1, validation_seeds=1)
+    recipe = Recipe(
+        imitation_epochs=1,
+        imitation_unrolls=1,
+        unroll_length=5,
+        curriculum=[10, 20],
+        meta_epochs=20,
+        validate_every=1,
+        stage_patience=1,
+        validation_seeds=1,
+    )
     trainer = MetaTrainer(recipe, mnist, tmp_path, progress=False)
     # Scripted validation losses: stage 0 baseline, an improvement, a stale validation (the stage
     # ends and advances), stage 1 baseline, a stale validation (the stage ends: no improvement).
@@ -130,10 +190,14 @@ def test_curriculum_advances_on_improvement_and_stops_without(mnist, tmp_path, m
     assert trainer.finished and trainer.epoch == 1 + 3
     assert horizons == [(2, 20), (2, 20), (2, 20), (4, 40), (4, 40)]
     assert trainer.best["loss"] == 0.9
-    decisions = [json.loads(line).get("validation", {}).get("decision")
-                 for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [d for d in decisions if d] == ["stage improved; advancing to stage 1",
-                                           "stage did not improve; stopping"]
+    decisions = [
+        json.loads(line).get("validation", {}).get("decision")
+        for line in (tmp_path / "log.jsonl").read_text().splitlines()
+    ]
+    assert [d for d in decisions if d] == [
+        "stage improved; advancing to stage 1",
+        "stage did not improve; stopping",
+    ]
     # Both the next stage and the final update rule start from the best weights, not the latest.
     for name, tensor in snapshots[1].items():
         assert torch.equal(snapshots[3][name], tensor)
@@ -141,8 +205,15 @@ def test_curriculum_advances_on_improvement_and_stops_without(mnist, tmp_path, m
 
 
 def test_lambda_search_logs_a_gradient_share_proportional_to_lambda(mnist, tmp_path):
-    recipe = Recipe(imitation_epochs=0, meta_epochs=1, meta_unrolls=1, unroll_length=5,
-                    regularizer="jacobian-trace", validation_steps=5, validation_seeds=1)
+    recipe = Recipe(
+        imitation_epochs=0,
+        meta_epochs=1,
+        meta_unrolls=1,
+        unroll_length=5,
+        regularizer="jacobian-trace",
+        validation_steps=5,
+        validation_seeds=1,
+    )
     results = lambda_search(recipe, mnist, [0.1, 1.0], tmp_path, progress=False)
 
     # Same start, same minibatches: the regularizer's gradient scales with lambda, the loss's does not.
