@@ -47,14 +47,14 @@ def _run(parser, argv):
     run.add_argument("--seeds", type=positive_int, default=3)
     run.add_argument("--eval-every", type=positive_int, default=100)
     run.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
     )
     run.add_argument("--out", default="results", help="folder for the JSON and PNG outputs")
     speed = commands.add_parser("speed", help="time the learned optimizer's step against Adam's")
     speed.add_argument("--sizes", type=positive_int, nargs="+", default=list(DEFAULT_SIZES))
     speed.add_argument("--repeats", type=positive_int, default=5)
     speed.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
     )
     speed.add_argument("--out", default="results", help="folder for speed.json")
     args = parser.parse_args(argv)

@@ -68,16 +68,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         nonfinite="skip",
         max_update=1.0,
     ):
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}; it must be >= 0")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}; it must be >= 0")
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"Invalid nonfinite policy {nonfinite!r}; choose one of {NONFINITE_POLICIES}"
-            )
-        if not max_update > 0:
-            raise ValueError(f"Invalid max_update value: {max_update}; it must be > 0")
+        _check_hyperparameters(
+            dict(lr=lr, weight_decay=weight_decay, nonfinite=nonfinite, max_update=max_update)
+        )
         if isinstance(weights, torch.nn.Module):
             update_rule, config = weights, {"name": "<in-memory>", "update_rule": weights.config()}
         else:
@@ -99,6 +92,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.release_config = config
         self._pending_skips = {}  # device -> count of skipped tensor updates not yet reported
         self._steps_since_report = 0
+
+    def add_param_group(self, param_group):
+        """Add a parameter group, checking its own settings like the constructor's.
+
+        Raises:
+            ValueError: For a negative ``lr`` or ``weight_decay``, a non-positive ``max_update`` or
+                an unknown ``nonfinite`` policy in the group.
+        """
+        _check_hyperparameters(param_group)
+        super().add_param_group(param_group)
 
     def __getstate__(self):
         # torch.optim.Optimizer pickles only defaults, state and groups; the update rule and the
@@ -126,6 +129,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 release with another state size; nothing is loaded then.
         """
         for group in state_dict["param_groups"]:
+            _check_hyperparameters(group)
             if group.get("recurrent_state_size") != self.update_rule.state_size:
                 raise ValueError(
                     "this state dict was not saved by a LearnedOptimizer with an update rule of "
@@ -169,6 +173,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             )
         if not value.is_floating_point() or not torch.isfinite(value).all():
             raise ValueError(f"optimizer state of parameter {index} is not finite floating point")
+        step = entry["step"]
+        if not isinstance(step, torch.Tensor) or step.numel() != 1 or not torch.isfinite(step).all():
+            raise ValueError(f"optimizer state of parameter {index} has an invalid step {step!r}")
         return value
 
     @torch.no_grad()
@@ -312,6 +319,25 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if weight_decay != 0:
                 target.mul_(torch.where(ok, 1 - lr * weight_decay, 1.0).to(target.dtype))
             target.add_(delta.to(target.dtype), alpha=lr)
+
+
+def _check_hyperparameters(settings):
+    # Validates whichever of the settings are present: groups may rely on the defaults.
+    checks = {
+        "lr": (lambda v: v >= 0, "Invalid learning rate: {}; it must be >= 0"),
+        "weight_decay": (lambda v: v >= 0, "Invalid weight_decay value: {}; it must be >= 0"),
+        "max_update": (lambda v: v > 0, "Invalid max_update value: {}; it must be > 0"),
+    }
+    for key, (valid, message) in checks.items():
+        if key in settings:
+            value = settings[key]
+            number = value.item() if isinstance(value, torch.Tensor) else value
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not valid(number):
+                raise ValueError(message.format(value))
+    if "nonfinite" in settings and settings["nonfinite"] not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"Invalid nonfinite policy {settings['nonfinite']!r}; choose one of {NONFINITE_POLICIES}"
+        )
 
 
 def _describe(group, p):

@@ -49,8 +49,9 @@ class LSTMUpdateRule(nn.Module):
                 or not math.isfinite(value)
             ):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if preprocess_p <= 0:
-            raise ValueError(f"preprocess_p must be positive, got {preprocess_p}")
+        if not 0 < preprocess_p <= 50:
+            # exp(p) scales small gradients; beyond about 88 it overflows float32.
+            raise ValueError(f"preprocess_p must lie in (0, 50], got {preprocess_p}")
         self.hidden_size = int(hidden_size)
         self.preprocess_p = float(preprocess_p)
         self.output_scale = float(output_scale)
@@ -194,7 +195,7 @@ def build_update_rule(config):
             f"an update-rule description must be a JSON object, got {type(config).__name__}"
         )
     architecture = config.get("architecture")
-    if architecture not in UPDATE_RULES:
+    if not isinstance(architecture, str) or architecture not in UPDATE_RULES:
         raise ValueError(
             f"unknown update-rule architecture {architecture!r}; this version of flatopt knows "
             f"{sorted(UPDATE_RULES)}. A newer flatopt may be needed for these weights."

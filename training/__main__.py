@@ -23,6 +23,13 @@ DESCRIPTIONS = {
 }
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     try:
@@ -49,7 +56,7 @@ def _run(parser, argv):
     train.add_argument(
         "--export", default=None, help="release folder to write (default: flatopt/pretrained/NAME)"
     )
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     train.add_argument(
         "--eval-seeds", type=int, default=3, help="seeds of the release's evaluation"
     )
@@ -57,7 +64,7 @@ def _run(parser, argv):
     search = commands.add_parser("lambda-search", help="compare regularizer weights from one start")
     search.add_argument("--lambdas", type=float, nargs="+", required=True)
     search.add_argument("--out", required=True, help="folder for the runs and lambda_search.json")
-    search.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    search.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
     for command in (train, search):
         for recipe_field in dataclasses.fields(Recipe):

@@ -48,6 +48,26 @@ def test_parameter_in_two_groups_is_refused():
         flatopt.LearnedOptimizer([{"params": [p]}, {"params": [p]}])
 
 
+@pytest.mark.parametrize("group, message", [
+    ({"nonfinite": "rase"}, "nonfinite policy"),
+    ({"max_update": -1.0}, "max_update"),
+    ({"lr": -0.1}, "learning rate"),
+    ({"weight_decay": "x"}, "weight_decay"),
+])
+def test_group_settings_are_checked_like_constructor_arguments(group, message):
+    model = make_model()
+    with pytest.raises(ValueError, match=message):
+        flatopt.LearnedOptimizer([{"params": model[0].parameters(), **group}])
+    opt = flatopt.LearnedOptimizer(model[0].parameters())
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": model[2].parameters(), **group})
+    saved = opt.state_dict()
+    saved["param_groups"][0].update(group)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 1.0 and len(opt.param_groups) == 1
+
+
 def test_deepcopy_and_repr():
     model = make_model()
     opt = flatopt.LearnedOptimizer(model.parameters(), weight_decay=0.01)

@@ -163,6 +163,8 @@ def _rewrite_config(release, change):
         (lambda c: c["update_rule"].pop("hidden_size"), "lacks \\['hidden_size'\\]"),
         (lambda c: c["update_rule"].update(preprocess="log"), "unknown gradient preprocessing"),
         (lambda c: c.update(update_rule=["lstm"]), "missing the 'update_rule' section"),
+    (lambda c: c["update_rule"].update(architecture=["lstm"]), "unknown update-rule architecture"),
+    (lambda c: c["update_rule"]["preprocess"].update(p=1000.0), "preprocess_p must lie in"),
     ],
 )
 def test_bad_configs_are_refused(release, change, message):
