@@ -174,7 +174,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if not value.is_floating_point() or not torch.isfinite(value).all():
             raise ValueError(f"optimizer state of parameter {index} is not finite floating point")
         step = entry["step"]
-        if not isinstance(step, torch.Tensor) or step.numel() != 1 or not torch.isfinite(step).all():
+        if (
+            not isinstance(step, torch.Tensor)
+            or step.numel() != 1
+            or not torch.isfinite(step).all()
+        ):
             raise ValueError(f"optimizer state of parameter {index} has an invalid step {step!r}")
         return value
 
@@ -332,7 +336,11 @@ def _check_hyperparameters(settings):
         if key in settings:
             value = settings[key]
             number = value.item() if isinstance(value, torch.Tensor) else value
-            if isinstance(number, bool) or not isinstance(number, (int, float)) or not valid(number):
+            if (
+                isinstance(number, bool)
+                or not isinstance(number, (int, float))
+                or not valid(number)
+            ):
                 raise ValueError(message.format(value))
     if "nonfinite" in settings and settings["nonfinite"] not in NONFINITE_POLICIES:
         raise ValueError(

@@ -22,7 +22,7 @@ import re
 import warnings
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .update_rules import build_update_rule
@@ -211,12 +211,21 @@ def _release_folder(path):
 
 def _read_tensors(path):
     try:
-        return load_file(path)
+        with safe_open(path, framework="pt") as weights_file:
+            version = (weights_file.metadata() or {}).get("format_version")
+        tensors = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ValueError(
             f"{path}: cannot read the weights ({exc}); the file is corrupt or truncated, "
             "re-download the release."
         ) from exc
+    # save_release records the version in the file too; files written by other tools may not.
+    if version is not None and version != str(FORMAT_VERSION):
+        raise ValueError(
+            f"{path}: weights written in format version {version!r}, this flatopt reads version "
+            f"{FORMAT_VERSION}; upgrade flatopt or use weights exported for version {FORMAT_VERSION}."
+        )
+    return tensors
 
 
 def _check_tensors(tensors, expected, path):

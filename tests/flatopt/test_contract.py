@@ -48,12 +48,15 @@ def test_parameter_in_two_groups_is_refused():
         flatopt.LearnedOptimizer([{"params": [p]}, {"params": [p]}])
 
 
-@pytest.mark.parametrize("group, message", [
-    ({"nonfinite": "rase"}, "nonfinite policy"),
-    ({"max_update": -1.0}, "max_update"),
-    ({"lr": -0.1}, "learning rate"),
-    ({"weight_decay": "x"}, "weight_decay"),
-])
+@pytest.mark.parametrize(
+    "group, message",
+    [
+        ({"nonfinite": "rase"}, "nonfinite policy"),
+        ({"max_update": -1.0}, "max_update"),
+        ({"lr": -0.1}, "learning rate"),
+        ({"weight_decay": "x"}, "weight_decay"),
+    ],
+)
 def test_group_settings_are_checked_like_constructor_arguments(group, message):
     model = make_model()
     with pytest.raises(ValueError, match=message):

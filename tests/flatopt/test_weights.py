@@ -124,6 +124,15 @@ def test_mismatched_tensors_are_refused_naming_the_file(release, change, message
     assert str(release / WEIGHTS_FILE) in str(info.value)
 
 
+def test_weights_file_of_another_format_version_is_refused(release):
+    tensors = load_file(release / WEIGHTS_FILE)
+    save_file(tensors, release / WEIGHTS_FILE, metadata={"format_version": "2"})
+    with pytest.raises(ValueError, match="format version '2'"):
+        flatopt.load_release(release)
+    save_file(tensors, release / WEIGHTS_FILE)  # no version recorded: accepted
+    flatopt.load_release(release)
+
+
 def test_truncated_and_garbage_weight_files_are_refused(release):
     data = (release / WEIGHTS_FILE).read_bytes()
     (release / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
@@ -163,8 +172,11 @@ def _rewrite_config(release, change):
         (lambda c: c["update_rule"].pop("hidden_size"), "lacks \\['hidden_size'\\]"),
         (lambda c: c["update_rule"].update(preprocess="log"), "unknown gradient preprocessing"),
         (lambda c: c.update(update_rule=["lstm"]), "missing the 'update_rule' section"),
-    (lambda c: c["update_rule"].update(architecture=["lstm"]), "unknown update-rule architecture"),
-    (lambda c: c["update_rule"]["preprocess"].update(p=1000.0), "preprocess_p must lie in"),
+        (
+            lambda c: c["update_rule"].update(architecture=["lstm"]),
+            "unknown update-rule architecture",
+        ),
+        (lambda c: c["update_rule"]["preprocess"].update(p=1000.0), "preprocess_p must lie in"),
     ],
 )
 def test_bad_configs_are_refused(release, change, message):
