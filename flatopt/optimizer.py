@@ -218,12 +218,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _refuse_sparse_gradients(self):
         # Checked for every group before any update, so that a refused step moves nothing.
         for group in self.param_groups:
-            for index, p in enumerate(group["params"]):
+            for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(
-                        f"LearnedOptimizer does not support sparse gradients (parameter {index} of a "
-                        f"group, shape {tuple(p.shape)}); use dense gradients, e.g. "
-                        "nn.Embedding(..., sparse=False)."
+                        f"LearnedOptimizer does not support sparse gradients ({_describe(group, p)}); "
+                        "use dense gradients, e.g. nn.Embedding(..., sparse=False)."
                     )
 
     def _gather(self, group):
@@ -255,8 +254,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             end = start + _CHUNK
             update[start:end], new_state[start:end] = rule(grad[start:end], state[start:end])
 
-        updates = update.split([g.numel() for g in grads])
-        new_states = new_state.split([g.numel() for g in grads])
+        sizes = [g.numel() for g in grads]
+        updates, new_states = update.split(sizes), new_state.split(sizes)
         # NaN fails the comparison, so this also catches a non-finite update; true for empty tensors.
         good = [ok & (u.abs() <= max_update).all() for ok, u in zip(finite, updates)]
         return updates, new_states, good
@@ -313,16 +312,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
         lr, weight_decay = group["lr"], group["weight_decay"]
         for p, update, new_state, ok in zip(params, updates, new_states, good):
             state = self.state[p]
-            if p.device.type == "cpu" and not ok:
+            # On the CPU a bad tensor is skipped here; on accelerators the flag stays on the device
+            # and every write is masked instead, to avoid a host synchronisation.
+            masked = p.device.type != "cpu"
+            if not masked and not ok:
                 continue
-            # On accelerators the flag stays on the device: every write is masked instead.
-            state["lstm_state"].copy_(torch.where(ok, new_state, state["lstm_state"]))
+            state["lstm_state"].copy_(
+                torch.where(ok, new_state, state["lstm_state"]) if masked else new_state
+            )
             state["step"] += ok.to(torch.float32)
             target = _as_real(_local(p))
-            delta = torch.where(ok, update, torch.zeros_like(update)).view_as(target)
+            delta = torch.where(ok, update, torch.zeros_like(update)) if masked else update
+            delta = delta.view_as(target).to(target.dtype)
             if weight_decay != 0:
                 target.mul_(torch.where(ok, 1 - lr * weight_decay, 1.0).to(target.dtype))
-            target.add_(delta.to(target.dtype), alpha=lr)
+            target.add_(delta, alpha=lr)
 
 
 def _check_hyperparameters(settings):
