@@ -13,15 +13,7 @@ import torch
 
 from .data import load_dataset
 from .meta import MetaTrainer, Recipe, lambda_search
-from .release import evaluate_release, export_release, git_commit
-
-DESCRIPTIONS = {
-    "dm": "L2O-DM: the coordinate-wise two-layer LSTM optimizer, warm-started by imitating Adam and "
-    "then meta-trained on the unrolled training loss of an MNIST MLP, without flatness "
-    "regularization. The release is the checkpoint with the best validation loss, from "
-    "whichever phase produced it (see below).",
-}
-
+from .release import describe, evaluate_release, export_release, git_commit
 
 def positive_int(text):
     value = int(text)
@@ -60,6 +52,12 @@ def _run(parser, argv):
     train.add_argument(
         "--eval-seeds", type=int, default=3, help="seeds of the release's evaluation"
     )
+    train.add_argument(
+        "--eval-steps",
+        type=positive_int,
+        default=1000,
+        help="optimizee steps of each run of the release's evaluation (default: 1000)",
+    )
 
     search = commands.add_parser("lambda-search", help="compare regularizer weights from one start")
     search.add_argument("--lambdas", type=float, nargs="+", required=True)
@@ -72,7 +70,9 @@ def _run(parser, argv):
             if recipe_field.type in (int, float, str):
                 command.add_argument(flag, type=recipe_field.type, default=None)
             elif recipe_field.type is list:
-                element = int if recipe_field.name == "curriculum" else str
+                element = {"curriculum": int, "stage_imitation_probabilities": float}.get(
+                    recipe_field.name, str
+                )
                 command.add_argument(flag, type=element, nargs="*", default=None)
     args = parser.parse_args(argv)
 
@@ -112,7 +112,7 @@ def _run(parser, argv):
 
     rule = trainer.best_update_rule()
     print(f"evaluating on the MNIST test set over {args.eval_seeds} seeds ...", flush=True)
-    evaluation = evaluate_release(rule, dataset, seeds=args.eval_seeds)
+    evaluation = evaluate_release(rule, dataset, steps=args.eval_steps, seeds=args.eval_seeds)
     for task, result in evaluation.items():
         print(
             f"  {task}: {100 * result['test_accuracy_mean']:.2f}% ± {100 * result['test_accuracy_std']:.2f}"
@@ -127,7 +127,7 @@ def _run(parser, argv):
         trainer.elapsed,
         {**best, "phase": trainer.best_phase()},
         evaluation,
-        DESCRIPTIONS.get(args.name, f"flatopt release {args.name}."),
+        describe(args.name, dataclasses.asdict(recipe)),
     )
     print(f"exported {folder}")
 

@@ -56,6 +56,8 @@ class Recipe:
             started from; otherwise training stops there.
         stage_patience: Validations without improvement that end a stage.
         imitation_probability: Chance that a meta-training epoch imitates the Adam teacher instead.
+        stage_imitation_probabilities: The same chance per curriculum stage, one value per stage;
+            empty to use ``imitation_probability`` in every stage.
         init_weights: Release (anything ``flatopt.load_release`` accepts) to start from instead of
             a random update rule; empty for random.
         regularizer: Flatness measure added to each unroll's meta-loss: ``"none"``,
@@ -91,6 +93,7 @@ class Recipe:
     curriculum: list = field(default_factory=list)
     stage_patience: int = 2
     imitation_probability: float = 0.0
+    stage_imitation_probabilities: list = field(default_factory=list)
     init_weights: str = ""
     regularizer: str = "none"
     reg_lambda: float = 0.0
@@ -140,9 +143,15 @@ class Recipe:
         for name in ("reg_lambda", "entropy_noise", "entropy_gamma"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"recipe setting {name} must be a number >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.imitation_probability <= 1.0:
+        for probability in [self.imitation_probability, *self.stage_imitation_probabilities]:
+            if not 0.0 <= probability <= 1.0:
+                raise ValueError(f"imitation probabilities must lie in [0, 1], got {probability}")
+        if self.stage_imitation_probabilities and len(self.stage_imitation_probabilities) != len(
+            self.curriculum
+        ):
             raise ValueError(
-                f"imitation_probability must lie in [0, 1], got {self.imitation_probability}"
+                f"stage_imitation_probabilities needs one value per curriculum stage "
+                f"({len(self.curriculum)}), got {self.stage_imitation_probabilities}"
             )
         self.flatness_regularizer()  # raises for an unknown regularizer
 
@@ -380,7 +389,7 @@ class MetaTrainer:
         coin = torch.rand(
             (), generator=torch.Generator().manual_seed(recipe.seed * 7_919 + epoch)
         ).item()
-        imitation = warm_start or coin < recipe.imitation_probability
+        imitation = warm_start or coin < self.imitation_probability()
         if imitation:
             activation = recipe.imitation_activations[epoch % len(recipe.imitation_activations)]
         else:
@@ -448,6 +457,12 @@ class MetaTrainer:
             record["regularizer_value"] = sum(reg_values) / len(reg_values)
             record["regularizer_grad_ratio"] = sum(reg_ratios) / len(reg_ratios)
         return record
+
+    def imitation_probability(self):
+        """Chance that a meta-training epoch of the current stage imitates the teacher instead."""
+        if self.recipe.stage_imitation_probabilities:
+            return self.recipe.stage_imitation_probabilities[self.stage["index"]]
+        return self.recipe.imitation_probability
 
     def _backward_with_regularizer(self, loss, penalty):
         """Set the meta-gradient of ``loss + penalty``; return ``|grad penalty| / |grad loss|``.

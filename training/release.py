@@ -43,6 +43,47 @@ def evaluate_release(update_rule, dataset, steps=1000, seeds=3):
     return results
 
 
+REGULARIZER_PHRASES = {
+    "hessian-trace": "the Hessian trace of the optimizee's loss (Hutchinson's estimator, {reg_probes} "
+    "Rademacher probes)",
+    "hessian-ev": "the Hessian eigenvalue of largest magnitude of the optimizee's loss (power "
+    "iteration, {reg_iterations} iterations)",
+    "jacobian-trace": "the Jacobian trace of the optimizee's loss (its squared gradient norm)",
+    "entropy": "the negative local entropy of the optimizee's loss (Entropy-SGD's, through a "
+    "surrogate whose gradient is gamma (theta - mu), mu the mean of a {entropy_steps}-step Langevin "
+    "chain; gamma = {entropy_gamma:g})",
+}
+
+
+def describe(name, recipe):
+    """One paragraph saying what the release ``name`` meta-trained with ``recipe`` (a dict) is."""
+    if name == "dm":
+        return (
+            "L2O-DM: the coordinate-wise two-layer LSTM optimizer, warm-started by imitating Adam "
+            "and then meta-trained on the unrolled training loss of an MNIST MLP, without flatness "
+            "regularization. The release is the checkpoint with the best validation loss, from "
+            "whichever phase produced it (see below)."
+        )
+    if not recipe["curriculum"]:
+        return f"flatopt release {name}."
+    start = f"the `{recipe['init_weights']}` release" if recipe["init_weights"] else "scratch"
+    text = (
+        "L2O-DM-CL: the coordinate-wise two-layer LSTM optimizer, meta-trained from "
+        f"{start} with a curriculum of growing unrolled horizons "
+        f"({', '.join(str(h) for h in recipe['curriculum'])} optimizee steps of an MNIST "
+        f"784-20({recipe['meta_activation']})-10 MLP), each stage validated at the next horizon, "
+        "and epochs of imitating Adam mixed in"
+    )
+    if recipe["regularizer"] == "none":
+        return text + ", without flatness regularization."
+    phrase = REGULARIZER_PHRASES[recipe["regularizer"]].format(**recipe)
+    return (
+        text + f". At the end of every truncated unroll, {phrase}, taken at the parameters the "
+        f"update rule produced, is added to the meta-loss with weight lambda = "
+        f"{recipe['reg_lambda']:g} and differentiated back into the LSTM's weights."
+    )
+
+
 def export_release(
     update_rule,
     folder,

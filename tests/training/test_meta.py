@@ -204,6 +204,36 @@ def test_curriculum_advances_on_improvement_and_stops_without(mnist, tmp_path, m
         assert torch.equal(trainer.update_rule.state_dict()[name], tensor)
 
 
+def test_stage_imitation_probabilities_choose_each_stages_epochs(mnist, tmp_path, monkeypatch):
+    recipe = Recipe(
+        imitation_epochs=0,
+        imitation_unrolls=1,
+        unroll_length=5,
+        curriculum=[10, 20],
+        stage_imitation_probabilities=[1.0, 0.0],
+        meta_epochs=4,
+        validate_every=1,
+        stage_patience=1,
+        validation_seeds=1,
+    )
+    trainer = MetaTrainer(recipe, mnist, tmp_path, progress=False)
+    # Stage 0: baseline, an improvement, a stale validation (advance); stage 1 runs to the end.
+    scores = iter([1.0, 0.9, 0.95, 0.8, 0.7, 0.6])
+    monkeypatch.setattr(trainer, "_score", lambda: {"loss": next(scores), "accuracy": 0.5})
+    trainer.run()
+
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    phases = [(r["stage"], r["phase"]) for r in records if "phase" in r]
+    assert phases == [(0, "imitation"), (0, "imitation"), (1, "meta"), (1, "meta")]
+
+
+def test_stage_imitation_probabilities_need_one_value_per_stage():
+    with pytest.raises(ValueError, match="one value per curriculum stage"):
+        Recipe(curriculum=[10, 20], stage_imitation_probabilities=[0.5])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Recipe(curriculum=[10], stage_imitation_probabilities=[1.5])
+
+
 def test_lambda_search_logs_a_gradient_share_proportional_to_lambda(mnist, tmp_path):
     recipe = Recipe(
         imitation_epochs=0,
