@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Meta-train the five L2O-DM-CL releases on this machine, two at a time (one CPU thread each).
+# Each run checkpoints every epoch in runs/NAME; rerunning this script resumes where it stopped.
+# Logs: runs/NAME.out. Usage: bash scripts/train_releases.sh [NAME ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+COMMON=(--init-weights dm --imitation-epochs 0 --curriculum 100 200 500
+        --stage-imitation-probabilities 0.2 0.1 0.1 --meta-epochs 24 --validate-every 2
+        --stage-patience 2 --threads 1)
+
+declare -A EXTRA=(
+  [dm-cl]=""
+  [dm-cl-hessian-trace]="--regularizer hessian-trace --reg-lambda 1e-2"
+  [dm-cl-hessian-ev]="--regularizer hessian-ev --reg-lambda 3e-2"
+  [dm-cl-jacobian-trace]="--regularizer jacobian-trace --reg-lambda 1"
+  [dm-cl-entropy]="--regularizer entropy --reg-lambda 1e3"
+)
+
+train() {
+  local name=$1
+  # shellcheck disable=SC2086
+  .venv/bin/python -m training train --name "$name" "${COMMON[@]}" ${EXTRA[$name]} \
+    > "runs/$name.out" 2>&1
+}
+
+mkdir -p runs
+if [ $# -gt 0 ]; then
+  for name in "$@"; do train "$name"; done
+  exit 0
+fi
+(train dm-cl; train dm-cl-jacobian-trace; train dm-cl-entropy) &
+(train dm-cl-hessian-trace; train dm-cl-hessian-ev) &
+wait
