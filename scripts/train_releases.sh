@@ -6,15 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 COMMON=(--init-weights dm --imitation-epochs 0 --curriculum 100 200 500
-        --stage-imitation-probabilities 0.2 0.1 0.1 --meta-epochs 24 --validate-every 2
-        --stage-patience 2 --threads 1)
+        --stage-imitation-probabilities 0.2 0.1 0.1 --meta-epochs 30 --validate-every 2
+        --stage-patience 3 --threads 1)
 
 declare -A EXTRA=(
   [dm-cl]=""
   [dm-cl-hessian-trace]="--regularizer hessian-trace --reg-lambda 1e-2"
   [dm-cl-hessian-ev]="--regularizer hessian-ev --reg-lambda 3e-2"
   [dm-cl-jacobian-trace]="--regularizer jacobian-trace --reg-lambda 1"
-  [dm-cl-entropy]="--regularizer entropy --reg-lambda 1e3"
+  [dm-cl-entropy]="--regularizer entropy --reg-lambda 1e4"
 )
 
 train() {

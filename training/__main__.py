@@ -6,13 +6,18 @@ the output folder's checkpoint if there is one) and exports it as a release.
 
 import argparse
 import dataclasses
+import json
+import pathlib
 import shlex
 import sys
 
 import torch
 
 from .data import load_dataset
+from .evaluation import evaluate_releases, render
+from .hub import push_command
 from .meta import MetaTrainer, Recipe, lambda_search
+from .plots import plot_log
 from .release import describe, evaluate_release, export_release, git_commit
 
 def positive_int(text):
@@ -64,6 +69,35 @@ def _run(parser, argv):
     search.add_argument("--out", required=True, help="folder for the runs and lambda_search.json")
     search.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
+    plot = commands.add_parser("plot", help="plot meta-training logs into one PNG")
+    plot.add_argument("logs", nargs="+", help="log.jsonl files of the runs to compare")
+    plot.add_argument("--out", required=True, help="PNG file to write")
+
+    push = commands.add_parser("push", help="publish a release on the Hugging Face Hub")
+    push.add_argument("release", help="bundled release name or release folder")
+    push.add_argument("--repo-id", required=True, help="Hub model repository, owner/name")
+    push.add_argument("--revision", default="main", help="branch to commit to (default: main)")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument(
+        "--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)"
+    )
+    push.add_argument("--message", default=None, help="commit message")
+    push.add_argument(
+        "--dry-run", metavar="DIR", default=None, help="write the files to DIR, upload nothing"
+    )
+
+    evaluation = commands.add_parser(
+        "evaluate", help="compare releases and tuned Adam; rewrite model cards and README table"
+    )
+    evaluation.add_argument("names", nargs="*", help="release names, or adam (tuned)")
+    evaluation.add_argument("--steps", type=positive_int, nargs="+", default=[1000, 3000])
+    evaluation.add_argument("--seeds", type=positive_int, default=3)
+    evaluation.add_argument("--results", default="training/results/releases.json")
+    evaluation.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    evaluation.add_argument(
+        "--render-only", action="store_true", help="only rewrite the documents from --results"
+    )
+
     for command in (train, search):
         for recipe_field in dataclasses.fields(Recipe):
             flag = f"--{recipe_field.name.replace('_', '-')}"
@@ -84,8 +118,27 @@ def _run(parser, argv):
             )
         return
 
+    if args.command == "plot":
+        print(f"wrote {plot_log(args.logs, args.out)}")
+        return
+
+    if args.command == "push":
+        push_command(
+            args.release,
+            args.repo_id,
+            dry_run=args.dry_run,
+            revision=args.revision,
+            private=args.private,
+            token=args.token,
+            message=args.message,
+        )
+        return
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.command == "evaluate":
+        _evaluate(args)
+        return
     overrides = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(Recipe)
@@ -130,6 +183,27 @@ def _run(parser, argv):
         describe(args.name, dataclasses.asdict(recipe)),
     )
     print(f"exported {folder}")
+
+
+def _evaluate(args):
+    results_path = pathlib.Path(args.results)
+    root = pathlib.Path(__file__).resolve().parent.parent
+    if args.render_only:
+        if not results_path.exists():
+            raise FileNotFoundError(f"no results file {results_path}; run without --render-only")
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+    else:
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results = evaluate_releases(
+            args.names,
+            load_dataset("mnist"),
+            results_path,
+            tuple(args.steps),
+            args.seeds,
+            release_root=root / "flatopt" / "pretrained",
+        )
+    render(results, root / "README.md", root / "flatopt" / "pretrained", root / "training" / "logs")
+    print(f"wrote {results_path}, the README's release table and the model cards")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ JSON line per epoch and validation, and keeps the update rule with the best vali
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ import torch
 import flatopt
 
 from . import flatness
-from .optimizees import ACTIVATIONS, ClassificationTask, mlp, train_and_evaluate
+from .optimizees import ACTIVATIONS, holdout_task, mlp, train_and_evaluate
 
 
 @dataclass
@@ -156,7 +157,10 @@ class Recipe:
         self.flatness_regularizer()  # raises for an unknown regularizer
 
     def flatness_regularizer(self):
-        """The configured flatness measure as ``(loss_fn, params) -> scalar``, or ``None``."""
+        """The flatness measure as ``(loss_fn, params, generator) -> scalar``, or ``None``.
+
+        ``generator`` draws the measure's random probes, start direction or Langevin noise.
+        """
         options = {
             "none": None,
             "hessian-trace": {"probes": self.reg_probes},
@@ -175,8 +179,15 @@ class Recipe:
             )
         if options[self.regularizer] is None:
             return None
-        return lambda loss_fn, params: flatness.measure(
-            self.regularizer, loss_fn, params, **options[self.regularizer]
+        # Draws from the global RNG would depend on how often the run was resumed (its state is
+        # not checkpointed), so the measures that draw take the run's seeded generator instead.
+        draws = self.regularizer != "jacobian-trace"
+        return lambda loss_fn, params, generator: flatness.measure(
+            self.regularizer,
+            loss_fn,
+            params,
+            **options[self.regularizer],
+            **({"generator": generator} if draws else {}),
         )
 
 
@@ -192,15 +203,8 @@ def mnist_tasks(dataset, activation, batch_size, validation_size=10000):
     Returns:
         A :class:`ClassificationTask` scored on the held-out images.
     """
-    split = len(dataset.train_labels) - validation_size
-    return ClassificationTask(
-        make_model=lambda: mlp(20, activation),
-        train_images=dataset.train_images[:split],
-        train_labels=dataset.train_labels[:split],
-        eval_images=dataset.train_images[split:],
-        eval_labels=dataset.train_labels[split:],
-        batch_size=batch_size,
-        name=f"mnist-mlp-{activation}",
+    return holdout_task(
+        lambda: mlp(20, activation), dataset, f"mlp-{activation}", batch_size, validation_size
     )
 
 
@@ -255,8 +259,9 @@ def meta_unroll(update_rule, task, params, rule_state, generator, steps, regular
         rule_state: Recurrent state ``(N, state_size)``, detached.
         generator: Draws the minibatches.
         steps: Unroll length.
-        regularizer: Optional ``(loss_fn, params) -> scalar`` flatness measure, evaluated on the
-            parameters the unroll ends at (``loss_fn`` draws a fresh minibatch at each call).
+        regularizer: Optional ``(loss_fn, params, generator) -> scalar`` flatness measure,
+            evaluated on the parameters the unroll ends at (``loss_fn`` draws a fresh minibatch at
+            each call; the measure's own random draws also come from ``generator``).
 
     Returns:
         ``(meta_loss, regularization, params, rule_state)``: the mean optimizee loss over the
@@ -286,7 +291,7 @@ def meta_unroll(update_rule, task, params, rule_state, generator, steps, regular
         def loss_fn(values):
             return task.loss(dict(zip(names, values)), *task.sample_batch(generator))
 
-        regularization = regularizer(loss_fn, list(current.values()))
+        regularization = regularizer(loss_fn, list(current.values()), generator)
     final = {n: v.detach() for n, v in current.items()}
     return total / steps, regularization, final, rule_state.detach()
 
@@ -339,6 +344,9 @@ class MetaTrainer:
         self.commit = commit
         self.finished = False
         self.stage = _new_stage(0)
+        # Bytes of log.jsonl that the state resumed from covers: none for a fresh run, None where
+        # a checkpoint does not record it.
+        self.log_size = 0
         self.validation_task = mnist_tasks(dataset, recipe.meta_activation, recipe.batch_size)
         if recipe.init_weights:
             self.update_rule.load_state_dict(
@@ -361,6 +369,7 @@ class MetaTrainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if (self.out_dir / "checkpoint.pt").exists():
             self.load_checkpoint(self.out_dir / "checkpoint.pt")
+        self._drop_unsaved_log_records()
         while not self.finished and self.epoch < min(self.total_epochs, until or self.total_epochs):
             started = time.perf_counter()
             if self.recipe.curriculum and self.epoch >= self.recipe.imitation_epochs:
@@ -582,6 +591,7 @@ class MetaTrainer:
             "commit": self.commit,
             "finished": self.finished,
             "stage": self.stage,
+            "log_size": self._log_path().stat().st_size if self._log_path().exists() else 0,
         }
         tmp = pathlib.Path(str(path) + ".tmp")
         torch.save(payload, tmp)
@@ -611,13 +621,24 @@ class MetaTrainer:
         self.commit = payload["commit"]
         self.finished = payload.get("finished", False)
         self.stage = payload.get("stage", _new_stage(0))
+        self.log_size = payload.get("log_size")
 
     def _validation_due(self):
         since_imitation = self.epoch - self.recipe.imitation_epochs
         return since_imitation % self.recipe.validate_every == 0 or self.epoch == self.total_epochs
 
+    def _log_path(self):
+        return self.out_dir / "log.jsonl"
+
+    def _drop_unsaved_log_records(self):
+        # A run killed after the last checkpoint may have logged a stage start or a whole epoch
+        # that the resumed run redoes and logs again; without this the log would hold them twice.
+        log = self._log_path()
+        if self.log_size is not None and log.exists() and log.stat().st_size > self.log_size:
+            os.truncate(log, self.log_size)
+
     def _log(self, record):
-        with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as log:
+        with open(self._log_path(), "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\n")
         if not self.progress:
             return

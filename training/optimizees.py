@@ -120,6 +120,30 @@ def test_task(make_model, dataset, name, batch_size=128):
     )
 
 
+def holdout_task(make_model, dataset, name, batch_size=128, validation_size=10000):
+    """An optimizee trained on a dataset's training set minus its last images, scored on those.
+
+    Update rules and learning rates are chosen on such a split, never on the test set.
+
+    Args:
+        make_model: Model factory.
+        dataset: An :class:`training.data.ImageDataset`.
+        name: Optimizee name, prefixed with the dataset's name in logs.
+        batch_size: Minibatch size.
+        validation_size: Training images held out for scoring.
+    """
+    split = len(dataset.train_labels) - validation_size
+    return ClassificationTask(
+        make_model=make_model,
+        train_images=dataset.train_images[:split],
+        train_labels=dataset.train_labels[:split],
+        eval_images=dataset.train_images[split:],
+        eval_labels=dataset.train_labels[split:],
+        batch_size=batch_size,
+        name=f"{dataset.name}-{name}",
+    )
+
+
 @torch.no_grad()
 def evaluate(model, images, labels, batch_size=10000):
     """Return ``(mean cross-entropy, accuracy)`` of ``model`` on a labelled set."""
@@ -132,7 +156,9 @@ def evaluate(model, images, labels, batch_size=10000):
     return total_loss / len(labels), correct / len(labels)
 
 
-def train_and_evaluate(task, make_optimizer, steps, seed, eval_every=None, on_step=None):
+def train_and_evaluate(
+    task, make_optimizer, steps, seed, eval_every=None, on_step=None, eval_steps=(), measure=None
+):
     """Train a fresh model of ``task`` with a ``torch.optim`` optimizer and record its curves.
 
     Args:
@@ -143,10 +169,14 @@ def train_and_evaluate(task, make_optimizer, steps, seed, eval_every=None, on_st
         eval_every: Steps between evaluations on the held-out set (the last step is always
             evaluated); ``None`` evaluates only at the end.
         on_step: Optional callable ``(step) -> None`` called after each step, e.g. a progress bar.
+        eval_steps: Further steps at which to evaluate.
+        measure: Optional callable ``(model) -> dict`` of further measurements taken at every
+            evaluation, e.g. a flatness measure.
 
     Returns:
         A dict with ``train_loss`` (per step), ``eval_steps``, ``eval_loss``, ``eval_accuracy``
-        (lists) and ``diverged`` (whether a training loss was not finite; training stops there).
+        (lists), ``measures`` (a list of ``measure``'s dicts, when given) and ``diverged``
+        (whether a training loss was not finite; training stops there).
     """
     model = task.new_model(seed)
     optimizer = make_optimizer(model.parameters())
@@ -158,6 +188,9 @@ def train_and_evaluate(task, make_optimizer, steps, seed, eval_every=None, on_st
         "eval_accuracy": [],
         "diverged": False,
     }
+    if measure is not None:
+        curves["measures"] = []
+    eval_steps = set(eval_steps)
 
     for step in range(1, steps + 1):
         images, labels = task.sample_batch(generator)
@@ -168,11 +201,14 @@ def train_and_evaluate(task, make_optimizer, steps, seed, eval_every=None, on_st
         curves["train_loss"].append(loss.item())
         if not math.isfinite(curves["train_loss"][-1]):
             curves["diverged"] = True
-        if step == steps or curves["diverged"] or (eval_every and step % eval_every == 0):
+        due = step in eval_steps or (eval_every and step % eval_every == 0)
+        if step == steps or curves["diverged"] or due:
             eval_loss, accuracy = evaluate(model, task.eval_images, task.eval_labels)
             curves["eval_steps"].append(step)
             curves["eval_loss"].append(eval_loss)
             curves["eval_accuracy"].append(accuracy)
+            if measure is not None:
+                curves["measures"].append(measure(model))
         if on_step is not None:
             on_step(step)
         if curves["diverged"]:

@@ -1,0 +1,79 @@
+"""Release evaluation against tuned Adam, and the model cards and README table made from it."""
+
+import json
+import shutil
+
+import pytest
+
+import flatopt
+from training.evaluation import TABLE_END, TABLE_START, evaluate_releases, render
+
+
+@pytest.fixture(scope="module")
+def results(mnist, tmp_path_factory):
+    path = tmp_path_factory.mktemp("evaluation") / "results.json"
+    evaluate_releases(["adam"], mnist, path, steps=(10, 20), seeds=2, progress=None)
+    # A second call adds an optimizer to the same file instead of starting over.
+    return path, evaluate_releases(["dm"], mnist, path, steps=(10, 20), seeds=2, progress=None)
+
+
+def test_results_hold_every_step_seed_and_metric(results):
+    _, data = results
+    assert set(data["optimizers"]) == {"adam", "dm"}
+    for name in ("adam", "dm"):
+        for optimizee in ("mlp-relu", "conv-mnist"):
+            result = data["optimizers"][name][optimizee]
+            assert [r["seed"] for r in result["runs"]] == [0, 1]
+            for step in ("10", "20"):
+                summary = result["summary"][step]
+                assert summary["runs"] == 2
+                assert 0.0 < summary["test_accuracy"][0] <= 1.0
+                assert summary["train_loss"][0] > 0.0
+                assert summary["hessian_trace"][0] > 0.0
+                values = [r["steps"][step]["test_accuracy"] for r in result["runs"]]
+                assert summary["test_accuracy"][0] == pytest.approx(sum(values) / 2)
+
+
+def test_adam_learning_rate_is_the_best_on_validation(results):
+    _, data = results
+    for optimizee, tuned in data["adam"].items():
+        assert tuned["lr"] == float(max(tuned["grid"], key=tuned["grid"].get))
+        assert len(tuned["grid"]) == len(data["settings"]["adam_grid"])
+
+
+def test_other_settings_are_not_mixed_into_a_results_file(results, mnist):
+    path, _ = results
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate_releases(["dm"], mnist, path, steps=(10, 30), seeds=2, progress=None)
+
+
+def test_render_rewrites_the_readme_table_and_the_model_card(results, tmp_path):
+    _, data = results
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{TABLE_START}\nstale\n{TABLE_END}\n\n## Next\nkept\n")
+    shutil.copytree(flatopt.weights.bundled_release("dm"), tmp_path / "pretrained" / "dm")
+
+    for _ in range(2):  # rendering twice gives the same documents
+        render(data, readme, tmp_path / "pretrained", tmp_path / "logs")
+        text = readme.read_text()
+        card = (tmp_path / "pretrained" / "dm" / "README.md").read_text()
+        assert "stale" not in text and text.endswith("## Next\nkept\n")
+        assert text.count("| dm | conv-mnist |") == 1
+        assert text.count("| Adam (lr ") == 2
+        assert card.count("## Held-out comparison") == 1
+        assert card.index("## Held-out comparison") < card.index("## How it was made")
+
+    config = json.loads((tmp_path / "pretrained" / "dm" / "config.json").read_text())
+    accuracy = data["optimizers"]["dm"]["mlp-relu"]["summary"]["20"]["test_accuracy"][0]
+    assert config["held_out_results"]["summary"]["dm"]["mlp-relu"]["20"]["test_accuracy"][0] == (
+        accuracy
+    )
+    assert f"{100 * accuracy:.2f}%" in card
+    flatopt.load_release(tmp_path / "pretrained" / "dm")  # still a valid release
+
+
+def test_render_refuses_a_readme_without_markers(results, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no table here\n")
+    with pytest.raises(ValueError, match="markers"):
+        render(results[1], readme, tmp_path, tmp_path)
