@@ -26,7 +26,7 @@ from . import flatness
 from .optimizees import conv_mnist, evaluate, holdout_task, mlp, test_task, train_and_evaluate
 
 SUITE = {"mlp-relu": lambda: mlp(20, "relu"), "conv-mnist": conv_mnist}
-ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 TRAIN_SUBSET = 10_000  # training images scored for the training loss
 HESSIAN_BATCH = 1_000  # training images of the Hessian trace's loss
 HESSIAN_PROBES = 30
@@ -92,7 +92,9 @@ def flatness_measure(dataset, probes=HESSIAN_PROBES):
     return measure
 
 
-def evaluate_optimizer(make_optimizer, dataset, optimizee, steps, seeds, progress=print):
+def evaluate_optimizer(
+    make_optimizer, dataset, optimizee, steps, seeds, probes=HESSIAN_PROBES, progress=print
+):
     """Train ``optimizee`` from seeds ``0 .. seeds - 1`` and record each of ``steps``.
 
     Returns:
@@ -100,7 +102,7 @@ def evaluate_optimizer(make_optimizer, dataset, optimizee, steps, seeds, progres
         "train_loss", "hessian_trace"}}}], "summary": {step: {metric: [mean, std]}}}``.
     """
     task = test_task(SUITE[optimizee], dataset, optimizee)
-    measure = flatness_measure(dataset)
+    measure = flatness_measure(dataset, probes)
     runs = []
     for seed in range(seeds):
         curves = train_and_evaluate(
@@ -120,7 +122,16 @@ def evaluate_optimizer(make_optimizer, dataset, optimizee, steps, seeds, progres
 
 
 def evaluate_releases(
-    names, dataset, out_path, steps=(1000, 3000), seeds=3, release_root=None, progress=print
+    names,
+    dataset,
+    out_path,
+    steps=(1000, 3000),
+    seeds=3,
+    release_root=None,
+    optimizees=tuple(SUITE),
+    adam_lrs=ADAM_LRS,
+    probes=HESSIAN_PROBES,
+    progress=print,
 ):
     """Evaluate releases and tuned Adam, merging into the results file at ``out_path``.
 
@@ -135,6 +146,9 @@ def evaluate_releases(
         seeds: Runs per optimizer and optimizee.
         release_root: Folder whose ``NAME`` subfolders are used in place of the installed
             package's releases (the checkout's ``flatopt/pretrained`` while releases are made).
+        optimizees: Keys of :data:`SUITE` to train.
+        adam_lrs: Adam's learning-rate grid.
+        probes: Rademacher probes of the Hessian trace.
         progress: Callable receiving progress lines, or ``None``.
 
     Returns:
@@ -143,14 +157,14 @@ def evaluate_releases(
     out_path = pathlib.Path(out_path)
     settings = {
         "dataset": dataset.name,
-        "optimizees": list(SUITE),
+        "optimizees": list(optimizees),
         "steps": list(steps),
         "seeds": seeds,
         "batch_size": 128,
         "train_loss": f"mean cross-entropy on the first {TRAIN_SUBSET} training images",
-        "hessian_trace": f"Hutchinson, {HESSIAN_PROBES} probes, loss on the first "
+        "hessian_trace": f"Hutchinson, {probes} probes, loss on the first "
         f"{HESSIAN_BATCH} training images",
-        "adam_grid": [f"{lr:g}" for lr in ADAM_LRS],
+        "adam_grid": [f"{lr:g}" for lr in adam_lrs],
     }
     results = {"settings": settings, "machine": _machine(), "adam": {}, "optimizers": {}}
     if out_path.exists():
@@ -167,11 +181,11 @@ def evaluate_releases(
         weights[name] = flatopt.load_release(local if release_root and local.is_dir() else name)[0]
     for name in names:
         results["optimizers"][name] = {}
-        for optimizee in SUITE:
+        for optimizee in optimizees:
             if progress:
                 progress(f"{name} on {optimizee}")
             if name == "adam":
-                tuned = tune_adam(dataset, optimizee, min(steps))
+                tuned = tune_adam(dataset, optimizee, min(steps), adam_lrs)
                 results["adam"][optimizee] = tuned
                 if progress:
                     progress(f"    validation accuracy by learning rate: {tuned['grid']}")
@@ -184,7 +198,7 @@ def evaluate_releases(
                     return flatopt.LearnedOptimizer(params, rule)
 
             results["optimizers"][name][optimizee] = evaluate_optimizer(
-                make_optimizer, dataset, optimizee, list(steps), seeds, progress
+                make_optimizer, dataset, optimizee, list(steps), seeds, probes, progress
             )
         _write_json(out_path, results)
     return results

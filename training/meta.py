@@ -318,16 +318,23 @@ class MetaTrainer:
 
     Args:
         recipe: The run's settings.
-        dataset: The image dataset the optimizees train on.
+        dataset: The image dataset the MNIST MLP optimizees train on (unused with ``make_task``).
         out_dir: Folder for ``checkpoint.pt``, ``best.safetensors`` and ``log.jsonl``.
         progress: Whether to print one line per epoch.
         commit: The code's commit, recorded in the checkpoint at the run's first start and kept
             through resumes.
+        make_task: Optional ``activation -> ClassificationTask`` giving the optimizee of an epoch
+            in place of the recipe's MNIST MLPs: your own model factory and data, trained on the
+            task's training images and validated on its held-out ones. It is called with the
+            activation the recipe names for the epoch and may ignore it.
     """
 
-    def __init__(self, recipe, dataset, out_dir, progress=True, commit="unknown"):
+    def __init__(self, recipe, dataset, out_dir, progress=True, commit="unknown", make_task=None):
         self.recipe = recipe
         self.dataset = dataset
+        self.make_task = make_task or (
+            lambda activation: mnist_tasks(dataset, activation, recipe.batch_size)
+        )
         self.out_dir = pathlib.Path(out_dir)
         self.progress = progress
         torch.manual_seed(recipe.seed)
@@ -347,7 +354,7 @@ class MetaTrainer:
         # Bytes of log.jsonl that the state resumed from covers: none for a fresh run, None where
         # a checkpoint does not record it.
         self.log_size = 0
-        self.validation_task = mnist_tasks(dataset, recipe.meta_activation, recipe.batch_size)
+        self.validation_task = self.make_task(recipe.meta_activation)
         if recipe.init_weights:
             self.update_rule.load_state_dict(
                 flatopt.load_release(recipe.init_weights)[0].state_dict()
@@ -406,7 +413,7 @@ class MetaTrainer:
         lr = recipe.imitation_meta_lr if warm_start else recipe.meta_lr
         for group in self.meta_optimizer.param_groups:
             group["lr"] = lr
-        task = mnist_tasks(self.dataset, activation, recipe.batch_size)
+        task = self.make_task(activation)
         # Every epoch draws its own optimizee and minibatches from (seed, epoch): resumable exactly.
         generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + epoch)
         params = task.init_params(seed=recipe.seed * 1_000_003 + epoch)

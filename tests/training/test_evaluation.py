@@ -9,12 +9,15 @@ import flatopt
 from training.evaluation import TABLE_END, TABLE_START, evaluate_releases, render
 
 
+SMALL = dict(steps=(10, 20), seeds=2, adam_lrs=(1e-3, 1e-2), probes=2, progress=None)
+
+
 @pytest.fixture(scope="module")
 def results(mnist, tmp_path_factory):
     path = tmp_path_factory.mktemp("evaluation") / "results.json"
-    evaluate_releases(["adam"], mnist, path, steps=(10, 20), seeds=2, progress=None)
+    evaluate_releases(["adam"], mnist, path, **SMALL)
     # A second call adds an optimizer to the same file instead of starting over.
-    return path, evaluate_releases(["dm"], mnist, path, steps=(10, 20), seeds=2, progress=None)
+    return path, evaluate_releases(["dm"], mnist, path, **SMALL)
 
 
 def test_results_hold_every_step_seed_and_metric(results):
@@ -44,7 +47,7 @@ def test_adam_learning_rate_is_the_best_on_validation(results):
 def test_other_settings_are_not_mixed_into_a_results_file(results, mnist):
     path, _ = results
     with pytest.raises(ValueError, match="other settings"):
-        evaluate_releases(["dm"], mnist, path, steps=(10, 30), seeds=2, progress=None)
+        evaluate_releases(["dm"], mnist, path, **{**SMALL, "steps": (10, 30)})
 
 
 def test_render_rewrites_the_readme_table_and_the_model_card(results, tmp_path):

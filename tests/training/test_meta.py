@@ -234,6 +234,51 @@ def test_stage_imitation_probabilities_need_one_value_per_stage():
         Recipe(curriculum=[10], stage_imitation_probabilities=[1.5])
 
 
+def test_a_users_own_optimizee_is_meta_trained_without_editing_the_trainer(
+    fashion_mnist, tmp_path
+):
+    from torch import nn
+
+    from training.optimizees import holdout_task
+
+    def small_convnet():
+        return nn.Sequential(
+            nn.Unflatten(1, (1, 28, 28)),
+            nn.Conv2d(1, 4, 5, stride=3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 8 * 8, 10),
+        )
+
+    seen = []
+
+    def make_task(activation):
+        seen.append(activation)
+        return holdout_task(small_convnet, fashion_mnist, "small-convnet", batch_size=32)
+
+    recipe = Recipe(
+        init_weights="dm",
+        imitation_epochs=0,
+        meta_epochs=2,
+        meta_unrolls=2,
+        unroll_length=5,
+        validate_every=1,
+        validation_steps=10,
+        validation_seeds=1,
+    )
+    trainer = MetaTrainer(recipe, None, tmp_path, progress=False, make_task=make_task)
+    start = {k: v.clone() for k, v in trainer.update_rule.state_dict().items()}
+    trainer.run()
+
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {r["optimizee"] for r in records} == {"fashion-mnist-small-convnet"}
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert seen and set(seen) == {"sigmoid"}
+    assert math.isfinite(trainer.best["loss"])
+    moved = trainer.update_rule.state_dict()
+    assert any(not torch.equal(moved[k], start[k]) for k in start)
+
+
 def test_lambda_search_logs_a_gradient_share_proportional_to_lambda(mnist, tmp_path):
     recipe = Recipe(
         imitation_epochs=0,
