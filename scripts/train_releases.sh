@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Meta-train the five L2O-DM-CL releases on this machine, two at a time (one CPU thread each).
 # Each run checkpoints every epoch in runs/NAME; rerunning this script resumes where it stopped.
-# Logs: runs/NAME.out. Usage: bash scripts/train_releases.sh [NAME ...]
+# Output: runs/NAME.out; each run's log is copied to training/logs/NAME.jsonl. Then evaluate with
+#   .venv/bin/python -m training evaluate adam dm-cl dm-cl-hessian-trace ... --threads 1
+# Usage: bash scripts/train_releases.sh [NAME ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +24,7 @@ train() {
   # shellcheck disable=SC2086
   .venv/bin/python -m training train --name "$name" "${COMMON[@]}" ${EXTRA[$name]} \
     > "runs/$name.out" 2>&1
+  cp "runs/$name/log.jsonl" "training/logs/$name.jsonl"
 }
 
 mkdir -p runs

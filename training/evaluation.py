@@ -10,6 +10,7 @@ The results file is the single source of the release model cards' comparison tab
 README's table; :func:`render` rewrites both from it.
 """
 
+import fcntl
 import json
 import math
 import pathlib
@@ -166,13 +167,7 @@ def evaluate_releases(
         f"{HESSIAN_BATCH} training images",
         "adam_grid": [f"{lr:g}" for lr in adam_lrs],
     }
-    results = {"settings": settings, "machine": _machine(), "adam": {}, "optimizers": {}}
-    if out_path.exists():
-        results = json.loads(out_path.read_text(encoding="utf-8"))
-        if results["settings"] != settings:
-            raise ValueError(
-                f"{out_path} holds results made with other settings; write to a new file"
-            )
+    _merge_results(out_path, settings, lambda results: None)  # refuse other settings up front
     weights = {}
     for name in names:
         if name == "adam":
@@ -180,13 +175,13 @@ def evaluate_releases(
         local = pathlib.Path(release_root or "", name)
         weights[name] = flatopt.load_release(local if release_root and local.is_dir() else name)[0]
     for name in names:
-        results["optimizers"][name] = {}
+        entry, tuned_lrs = {}, {}
         for optimizee in optimizees:
             if progress:
                 progress(f"{name} on {optimizee}")
             if name == "adam":
                 tuned = tune_adam(dataset, optimizee, min(steps), adam_lrs)
-                results["adam"][optimizee] = tuned
+                tuned_lrs[optimizee] = tuned
                 if progress:
                     progress(f"    validation accuracy by learning rate: {tuned['grid']}")
 
@@ -197,10 +192,15 @@ def evaluate_releases(
                 def make_optimizer(params, rule=weights[name]):
                     return flatopt.LearnedOptimizer(params, rule)
 
-            results["optimizers"][name][optimizee] = evaluate_optimizer(
+            entry[optimizee] = evaluate_optimizer(
                 make_optimizer, dataset, optimizee, list(steps), seeds, probes, progress
             )
-        _write_json(out_path, results)
+
+        def add(results, name=name, entry=entry, tuned_lrs=tuned_lrs):
+            results["optimizers"][name] = entry
+            results["adam"].update(tuned_lrs)
+
+        results = _merge_results(out_path, settings, add)
     return results
 
 
@@ -357,6 +357,23 @@ def _machine():
     return (
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     )
+
+
+def _merge_results(path, settings, update):
+    """Apply ``update`` to the results file under a lock, so that evaluations may run in parallel."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = {"settings": settings, "machine": _machine(), "adam": {}, "optimizers": {}}
+        if path.exists():
+            results = json.loads(path.read_text(encoding="utf-8"))
+            if results["settings"] != settings:
+                raise ValueError(
+                    f"{path} holds results made with other settings; write to a new file"
+                )
+        update(results)
+        _write_json(path, results)
+    return results
 
 
 def _write_json(path, data):
