@@ -76,9 +76,7 @@ def flatness_measure(dataset, probes=HESSIAN_PROBES):
         names = [name for name, _ in model.named_parameters()]
 
         def loss_fn(values):
-            logits = functional_call(
-                model, dict(zip(names, values)), (images[:HESSIAN_BATCH],)
-            )
+            logits = functional_call(model, dict(zip(names, values)), (images[:HESSIAN_BATCH],))
             return nn.functional.cross_entropy(logits, labels[:HESSIAN_BATCH])
 
         trace = flatness.hessian_trace(
@@ -221,9 +219,7 @@ def render(results, readme_path, release_root, logs_dir):
     head, rest = text.split(TABLE_START, 1)
     _, tail = rest.split(TABLE_END, 1)
     table = comparison_table(results, list(results["optimizers"]))
-    readme_path.write_text(
-        f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}", encoding="utf-8"
-    )
+    readme_path.write_text(f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}", encoding="utf-8")
     for name in results["optimizers"]:
         folder = pathlib.Path(release_root) / name
         if name == "adam" or not (folder / "config.json").exists():
@@ -242,7 +238,7 @@ def render(results, readme_path, release_root, logs_dir):
         }
         _write_json(folder / "config.json", config)
         card = (folder / "README.md").read_text(encoding="utf-8")
-        section = card_section(results, name, compared, shares)
+        section = card_section(results, name, compared, shares, config["provenance"]["recipe"])
         marker = "\n## Held-out comparison"
         if marker in card:
             before, after = card.split(marker, 1)
@@ -284,13 +280,51 @@ def comparison_table(results, names):
     return "\n".join(lines)
 
 
-def card_section(results, name, compared, shares):
+PAPER_LAMBDAS = {"hessian-trace": 1e-8, "hessian-ev": 1e-8, "jacobian-trace": 1e-8, "entropy": 1e-6}
+
+
+def differences_from_paper(recipe, shares):
+    """Bullet points saying how ``recipe`` departs from the published L2O-DM-CL recipe."""
+    points = []
+    if recipe["init_weights"]:
+        points.append(
+            f"Starts from the `{recipe['init_weights']}` release (itself Adam imitation, then "
+            "meta-training) instead of meta-training a random LSTM with imitation from the start."
+        )
+    if recipe["curriculum"]:
+        points.append(
+            "Curriculum horizons "
+            + ", ".join(str(h) for h in recipe["curriculum"])
+            + f" optimizee steps and at most {recipe['meta_epochs']} meta-training epochs in all, "
+            "to fit an hour of one CPU core, where the paper's curriculum runs to longer horizons."
+        )
+    regularizer = recipe["regularizer"]
+    if regularizer in PAPER_LAMBDAS:
+        share = f" (its gradient averaged {shares['mean']:.3g} times the loss's)" if shares else ""
+        points.append(
+            f"Regularizer weight lambda = {recipe['reg_lambda']:g}{share} instead of the paper's "
+            f"{PAPER_LAMBDAS[regularizer]:g}, at which the regularizer's share of the "
+            "meta-gradient is negligible on this optimizee (see `training/logs/lambda-search-"
+            f"{regularizer}.json`)."
+        )
+    points.append(
+        f"Meta-optimizer Adam with learning rate {recipe['meta_lr']:g} and gradient-norm clipping "
+        f"at {recipe['max_grad_norm']:g}; truncated unrolls of {recipe['unroll_length']} steps on "
+        f"the MNIST 784-20({recipe['meta_activation']})-10 MLP with batch {recipe['batch_size']}, "
+        "as in the paper."
+    )
+    return "\n".join(f"- {point}" for point in points)
+
+
+def card_section(results, name, compared, shares, recipe):
     """The model card's held-out comparison section for release ``name``."""
     lines = ["## Held-out comparison", ""]
     lines.append(
         "Fresh models trained on the whole MNIST training set with this release, the `dm-cl` "
         "baseline (no flatness regularizer) and Adam with its learning rate tuned on a validation "
-        "split (grid " + ", ".join(results["settings"]["adam_grid"]) + "; chosen: "
+        "split (grid "
+        + ", ".join(results["settings"]["adam_grid"])
+        + "; chosen: "
         + ", ".join(f"{o} {a['lr']:g}" for o, a in results["adam"].items())
         + "):"
     )
@@ -303,6 +337,12 @@ def card_section(results, name, compared, shares):
             f"{shares['mean']:.3g} times the meta-loss's (mean over {shares['epochs']} epochs; "
             f"range {shares['min']:.3g} to {shares['max']:.3g})."
         )
+    lines += [
+        "",
+        "### Differences from the paper's recipe",
+        "",
+        differences_from_paper(recipe, shares),
+    ]
     lines.append("")
     return "\n".join(lines)
 
