@@ -126,6 +126,8 @@ def stage_release(release, folder):
     card = (source / CARD_FILE).read_text(encoding="utf-8")
     (folder / CARD_FILE).write_text(card_with_metadata(card, config), encoding="utf-8")
     results = {"release": name, "evaluation": config.get("evaluation", {})}
+    if "held_out_results" in config:  # the comparison with tuned Adam, where one was made
+        results["held_out_results"] = config["held_out_results"]
     (folder / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return name, sorted(folder.iterdir())
 
