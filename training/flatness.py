@@ -65,9 +65,7 @@ def hessian_top_eigenvalue(loss_fn, params, iterations=10, generator=None, creat
     """
     params = _with_grad(params)
     grads = torch.autograd.grad(loss_fn(params), params, create_graph=True)
-    vectors = _normalised(
-        [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
-    )
+    vectors = _normalised([_gaussian(p, generator) for p in params])
     for _ in range(iterations):
         products = _hessian_vector_product(grads, params, vectors, False, retain_graph=True)
         vectors = _normalised(products)
@@ -116,9 +114,7 @@ def langevin_mean(loss_fn, params, steps=5, step_size=0.1, noise=1e-4, gamma=1e-
             current = [
                 p
                 - step_size * (g + gamma * (p - a))
-                + (step_size**0.5)
-                * noise
-                * torch.randn(p.shape, generator=generator, dtype=p.dtype)
+                + (step_size**0.5) * noise * _gaussian(p, generator)
                 for p, g, a in zip(current, grads, anchor)
             ]
             mean = [m + (p - m) / step for m, p in zip(mean, current)]
@@ -173,7 +169,20 @@ def _with_grad(params):
 
 
 def _rademacher(like, generator):
-    return torch.randint(0, 2, like.shape, generator=generator).to(like.dtype) * 2 - 1
+    # Drawn on the generator's device (the CPU for a CPU generator), then moved beside ``like``.
+    signs = torch.randint(0, 2, like.shape, generator=generator, device=_device_of(generator))
+    return signs.to(device=like.device, dtype=like.dtype) * 2 - 1
+
+
+def _gaussian(like, generator):
+    draws = torch.randn(
+        like.shape, generator=generator, dtype=like.dtype, device=_device_of(generator)
+    )
+    return draws.to(like.device)
+
+
+def _device_of(generator):
+    return generator.device if generator is not None else "cpu"
 
 
 def _normalised(vectors):

@@ -51,6 +51,120 @@ def conv_mnist():
     )
 
 
+def conv_large_mnist():
+    """A deeper Conv-MNIST: two conv 32 3x3, 2x2 max-pool, two conv 32 5x5, 2x2 max-pool, linear.
+
+    ReLU follows every convolution; no padding, like :func:`conv_mnist`. Takes flattened 28x28
+    images.
+    """
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)),
+        nn.Conv2d(1, 32, 3),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # (B, 32, 12, 12)
+        nn.Conv2d(32, 32, 5),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # (B, 32, 2, 2)
+        nn.Flatten(),
+        nn.Linear(32 * 2 * 2, 10),
+    )
+
+
+def conv_cifar():
+    """Conv-MNIST's architecture on colour images: conv 16 3x3, pool, conv 32 5x5, pool, linear.
+
+    Takes flattened 3x32x32 images (3072 features, channel-major as in
+    :func:`training.data.load_cifar10`) or ``(B, 3, 32, 32)`` tensors.
+    """
+    return nn.Sequential(
+        _CifarImages(),
+        nn.Conv2d(3, 16, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # (B, 16, 15, 15)
+        nn.Conv2d(16, 32, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # (B, 32, 5, 5)
+        nn.Flatten(),
+        nn.Linear(32 * 5 * 5, 10),
+    )
+
+
+def resnet20(num_classes=10):
+    """ResNet-20 for CIFAR (He et al. 2016, section 4.2): 0.27M parameters.
+
+    A 3x3 conv with 16 channels, then three stages of three basic blocks (two 3x3 convs each) with
+    16, 32 and 64 channels on 32x32, 16x16 and 8x8 maps, global average pooling and a linear
+    classifier; batch norm after every conv. Shortcuts are option A of the paper, the one its CIFAR
+    results use: identities, which where a stage halves the map and doubles the channels subsample
+    with stride 2 and append zero channels, so shortcuts add no parameters.
+
+    Args:
+        num_classes: Outputs of the classifier.
+
+    Returns:
+        The model; it takes flattened 3x32x32 images (3072 features, channel-major as in
+        :func:`training.data.load_cifar10`) or ``(B, 3, 32, 32)`` tensors.
+    """
+    stages = []
+    in_channels = 16
+    for stage, channels in enumerate((16, 32, 64)):
+        for block in range(3):
+            stride = 2 if stage > 0 and block == 0 else 1
+            stages.append(_BasicBlock(in_channels, channels, stride))
+            in_channels = channels
+    model = nn.Sequential(
+        _CifarImages(),
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        *stages,  # (B, 64, 8, 8)
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, num_classes),
+    )
+    # The paper initialises as He et al. 2015 ("Delving deep into rectifiers"): variance 2 / fan,
+    # where PyTorch's default gives 1 / (3 fan_in). That paper shows scaling by fan-out (which
+    # preserves the backward signal) works as well as by fan-in; this is torchvision's choice too.
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+class _CifarImages(nn.Module):
+    """Reshapes flattened CIFAR images to ``(B, 3, 32, 32)``; image-shaped input passes through."""
+
+    def forward(self, images):
+        return images.reshape(images.shape[0], 3, 32, 32)
+
+
+class _BasicBlock(nn.Module):
+    """Two 3x3 convs with batch norm, and an option-A identity shortcut (see :func:`resnet20`)."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.residual = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.stride = stride
+        self.extra_channels = out_channels - in_channels
+
+    def forward(self, x):
+        shortcut = x[:, :, :: self.stride, :: self.stride]
+        if self.extra_channels:
+            # F.pad's widths run from the last dimension back: (W, W, H, H, C, C).
+            shortcut = nn.functional.pad(shortcut, (0, 0, 0, 0, 0, self.extra_channels))
+        return torch.relu(self.residual(x) + shortcut)
+
+
 @dataclass
 class ClassificationTask:
     """A model to train on an image-classification dataset with cross-entropy.

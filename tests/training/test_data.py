@@ -483,8 +483,8 @@ def test_partial_folder_names_missing_files(tiny):
 
 
 def test_load_dataset_rejects_unknown_name():
-    with pytest.raises(ValueError, match=r"'cifar10'.*\['fashion-mnist', 'mnist'\]"):
-        data.load_dataset("cifar10")
+    with pytest.raises(ValueError, match=r"'svhn'.*\['cifar10', 'fashion-mnist', 'mnist'\]"):
+        data.load_dataset("svhn")
 
 
 def test_data_dir_precedence(tmp_path, monkeypatch):
