@@ -24,7 +24,15 @@ from torch.func import functional_call
 import flatopt
 
 from . import flatness
-from .optimizees import conv_mnist, evaluate, holdout_task, mlp, test_task, train_and_evaluate
+from .optimizees import (
+    conv_mnist,
+    evaluate,
+    holdout_task,
+    mlp,
+    test_task,
+    train_and_evaluate,
+    tune_learning_rate,
+)
 
 SUITE = {"mlp-relu": lambda: mlp(20, "relu"), "conv-mnist": conv_mnist}
 ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -36,30 +44,15 @@ TABLE_END = "<!-- end of release table -->"
 
 
 def tune_adam(dataset, optimizee, steps, lrs=ADAM_LRS, seeds=2):
-    """Pick Adam's learning rate by validation accuracy after ``steps`` steps.
-
-    Args:
-        dataset: The image dataset.
-        optimizee: Key of :data:`SUITE`.
-        steps: Optimizer steps of each trial.
-        lrs: The grid.
-        seeds: Trials per learning rate; their mean validation accuracy decides.
+    """Pick Adam's learning rate for ``optimizee`` by validation accuracy after ``steps`` steps.
 
     Returns:
-        ``{"lr", "steps", "seeds", "grid": {lr: mean validation accuracy}}``.
+        :func:`training.optimizees.tune_learning_rate`'s record.
     """
     task = holdout_task(SUITE[optimizee], dataset, optimizee)
-    grid = {}
-    for lr in lrs:
-        accuracies = [
-            train_and_evaluate(task, lambda p, lr=lr: torch.optim.Adam(p, lr), steps, 100 + s)[
-                "eval_accuracy"
-            ][-1]
-            for s in range(seeds)
-        ]
-        grid[f"{lr:g}"] = statistics.fmean(accuracies)
-    best = max(grid, key=grid.get)
-    return {"lr": float(best), "steps": steps, "seeds": seeds, "grid": grid}
+    return tune_learning_rate(
+        lambda params, lr: torch.optim.Adam(params, lr), task, lrs, steps, seeds
+    )
 
 
 def flatness_measure(dataset, probes=HESSIAN_PROBES):

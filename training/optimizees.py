@@ -328,3 +328,30 @@ def train_and_evaluate(
         if curves["diverged"]:
             break
     return curves
+
+
+def tune_learning_rate(make_optimizer, task, lrs, steps, seeds=2):
+    """Pick the learning rate whose runs reach the best mean held-out accuracy after ``steps``.
+
+    Args:
+        make_optimizer: Callable ``(params, lr) -> torch.optim.Optimizer``.
+        task: A :class:`ClassificationTask` scored on a validation split (see
+            :func:`holdout_task`), never on the test set.
+        lrs: The grid.
+        steps: Optimizer steps of each trial.
+        seeds: Trials per learning rate, with seeds ``100 .. 100 + seeds - 1`` (apart from the
+            seeds of final runs).
+
+    Returns:
+        ``{"lr", "steps", "seeds", "grid": {lr as text: mean accuracy}}``; a diverged trial
+        scores zero.
+    """
+    grid = {}
+    for lr in lrs:
+        accuracies = []
+        for seed in range(100, 100 + seeds):
+            curves = train_and_evaluate(task, lambda p, lr=lr: make_optimizer(p, lr), steps, seed)
+            accuracies.append(0.0 if curves["diverged"] else curves["eval_accuracy"][-1])
+        grid[f"{lr:g}"] = sum(accuracies) / len(accuracies)
+    best = max(grid, key=grid.get)
+    return {"lr": float(best), "steps": steps, "seeds": seeds, "grid": grid}
