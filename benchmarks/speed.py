@@ -1,8 +1,27 @@
-"""Cost of one optimizer step: the learned optimizer against Adam, measured in one run.
+"""Cost of the learned optimizer's step, against Adam's and against what the machine allows.
 
-Each size is a single flat parameter with a fixed random gradient; both optimizers are warmed up,
-then timed over several steps. Times depend on the machine, so the table reports ratios measured
-side by side, never absolute targets.
+For each parameter count, one flat parameter with a fixed random gradient is stepped by:
+
+- Adam, torch's default implementation: the baseline of every ratio;
+- the learned optimizer as it runs by default (the native kernel where it builds), with float32 and
+  with bfloat16 recurrent state, and with torch operators only (its path without a C++ compiler);
+- the learned optimizer through the update rule's autograd ``forward`` (the optimizer's generic
+  path, used for update rules without an in-place step), and a naive reference: two
+  ``torch.nn.LSTMCell`` over the whole vector, as a framework would write it. Both need gigabytes
+  beyond a million parameters, so they run only up to ``naive_max_size``.
+
+Two floors frame the learned step. The memory floor is one in-place read and write of an
+``(N, 80)`` float32 tensor, the least traffic any step that updates the recurrent state must cause.
+The compute floor is the step's matrix products alone, done by BLAS on chunks of
+:data:`flatopt.fused_step.CPU_CHUNK` coordinates: ``[chunk, 22] x [22, 80]`` and
+``[chunk, 40] x [40, 80]`` and the read-out ``[chunk, 20] x [20, 1]``.
+
+Whole training iterations (forward, backward, step) of the models in :data:`MODELS` at batch 128,
+on random inputs, put the step in context.
+
+Times are medians over ``repeats`` calls after one warm-up call, measured side by side in one
+process: only their ratios carry over to other machines. See :data:`METHOD` for the memory
+figures.
 """
 
 import statistics
@@ -11,53 +30,442 @@ import time
 import torch
 
 import flatopt
+from flatopt import native_kernel
+from flatopt.fused_step import CPU_CHUNK
+from flatopt.update_rules import preprocess_gradient
 
 from .run import machine_description
 
-DEFAULT_SIZES = (16_000, 270_000, 1_000_000)
+DEFAULT_SIZES = (16_000, 270_000, 1_000_000, 4_000_000)
+# Above this, the forward path and the framework cells are skipped (they allocate ~1.5 KB/param).
+NAIVE_MAX_SIZE = 1_000_000
+BATCH_SIZE = 128
+# Whole-iteration models: name -> (factory in training.optimizees, shape of one input example).
+# A factory missing from the checkout is reported as skipped, not an error.
+MODELS = {
+    "conv-mnist": ("conv_mnist", (784,)),
+    "resnet20": ("resnet20", (3, 32, 32)),
+}
+DEFAULT_MODELS = tuple(MODELS)
+METHOD = {
+    "time": "median wall time over the repeats, after one warm-up call, in one process",
+    "peak_extra_memory": (
+        "largest total of CPU tensor allocations alive at once during one step, beyond those "
+        "alive before it, from torch.profiler.profile(profile_memory=True) after a warm-up step; "
+        "the native kernel's stack (a few KB) is not seen"
+    ),
+    "state_memory": "bytes of optimizer state per parameter, after the warm-up step",
+}
+# Column of the step table -> label, in the order shown.
+STEP_COLUMNS = {
+    "adam": "Adam",
+    "learned": "learned",
+    "learned_bf16": "learned, bf16 state",
+    "learned_torch": "learned, torch operators",
+    "forward_path": "learned via forward",
+    "framework_cells": "framework LSTM cells",
+}
 
 
-def time_steps(optimizer, repeats):
-    """Median wall time of ``optimizer.step()`` over ``repeats`` calls, after one warm-up step."""
-    optimizer.step()
+def median_time(function, repeats):
+    """Median wall time in seconds of ``function()`` over ``repeats`` calls, after one warm-up."""
+    function()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        optimizer.step()
+        function()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
-def step_costs(sizes=DEFAULT_SIZES, weights=None, repeats=5, seed=0):
-    """Time the learned step and Adam's step for each parameter count.
+def peak_extra_bytes(function):
+    """Peak bytes of CPU tensor memory that ``function()`` holds at once beyond its starting point.
+
+    Replays the profiler's allocation and free records in time order. (The per-operator memory
+    columns of ``key_averages`` cannot give a peak: they charge frees to the enclosing operator.)
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+        function()
+    records = [
+        (event.start_ns(), event.nbytes())
+        for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    running = peak = 0
+    for _, change in sorted(records):
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def step_costs(
+    sizes=DEFAULT_SIZES,
+    weights=None,
+    repeats=5,
+    seed=0,
+    naive_max_size=NAIVE_MAX_SIZE,
+    models=DEFAULT_MODELS,
+    batch_size=BATCH_SIZE,
+):
+    """Measure steps for each parameter count and whole iterations for each model.
+
+    Args:
+        sizes: Parameter counts.
+        weights: Learned-optimizer weights (default: the recommended bundled release).
+        repeats: Timed calls per measurement.
+        seed: Seed of the parameters, gradients and models.
+        naive_max_size: Largest size for the forward path and the framework cells.
+        models: Keys of :data:`MODELS` to time whole iterations of.
+        batch_size: Examples per training iteration.
 
     Returns:
-        A JSON-serialisable dict with the machine and, per size, both times and their ratio.
+        A JSON-serialisable report; :func:`render_speed_markdown` turns it into Markdown.
+
+    Raises:
+        ValueError: For an unknown model name.
     """
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for size in sizes:
-        param = torch.nn.Parameter(torch.randn(size, generator=generator))
-        param.grad = torch.randn(size, generator=generator) * 1e-3
-        adam = time_steps(torch.optim.Adam([param]), repeats)
-        learned = time_steps(flatopt.LearnedOptimizer([param], weights), repeats)
-        rows.append(
-            {"parameters": size, "adam_s": adam, "learned_s": learned, "ratio": learned / adam}
-        )
+    unknown = [name for name in models if name not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; choose from {sorted(MODELS)}")
+    steps = [_step_row(size, weights, repeats, seed, naive_max_size) for size in sizes]
+    iterations, skipped = [], []
+    for name in models:
+        row = _iteration_row(name, weights, repeats, seed, batch_size)
+        if isinstance(row, str):
+            skipped.append({"model": name, "reason": row})
+        else:
+            iterations.append(row)
     return {
         "machine": machine_description(),
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "repeats": repeats,
-        "rows": rows,
+        "native_kernel": native_kernel.load() is not None,
+        "chunk": CPU_CHUNK,
+        "method": METHOD,
+        "steps": steps,
+        "iterations": iterations,
+        "skipped_models": skipped,
     }
 
 
-def format_speed_table(report):
-    """Render :func:`step_costs` as a Markdown table."""
-    lines = ["| parameters | Adam step (ms) | learned step (ms) | ratio |", "|---|---|---|---|"]
-    for row in report["rows"]:
-        lines.append(
-            f"| {row['parameters']:,} | {1000 * row['adam_s']:.2f} | {1000 * row['learned_s']:.1f} "
-            f"| {row['ratio']:.0f}x |"
-        )
-    return "\n".join(lines)
+def _step_row(size, weights, repeats, seed, naive_max_size):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(size, generator=generator)
+    grad = torch.randn(size, generator=generator) * 1e-3
+
+    def parameter():
+        param = torch.nn.Parameter(values.clone())
+        param.grad = grad.clone()
+        return param
+
+    steppers = {
+        "adam": lambda p: torch.optim.Adam([p]),
+        "learned": lambda p: flatopt.LearnedOptimizer([p], weights),
+        "learned_bf16": lambda p: flatopt.LearnedOptimizer(
+            [p], weights, state_dtype=torch.bfloat16
+        ),
+        "learned_torch": lambda p: _TorchOperatorsOnly(flatopt.LearnedOptimizer([p], weights)),
+    }
+    if size <= naive_max_size:
+        steppers["forward_path"] = lambda p: flatopt.LearnedOptimizer([p], _forward_rule(weights))
+        steppers["framework_cells"] = lambda p: _FrameworkCells(p, weights)
+
+    row = {"parameters": size, "time_s": {}, "peak_extra_bytes": {}, "state_bytes": {}}
+    for name, make in steppers.items():
+        stepper = make(parameter())
+        row["time_s"][name] = median_time(stepper.step, repeats)
+        row["peak_extra_bytes"][name] = peak_extra_bytes(stepper.step)
+        row["state_bytes"][name] = _state_bytes(stepper)
+        del stepper
+    row["time_s"]["memory_floor"] = _memory_floor(size, repeats)
+    row["time_s"]["compute_floor"] = _compute_floor(size, repeats)
+    return row
+
+
+class _TorchOperatorsOnly:
+    """An optimizer stepped with the native kernel disabled."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.state = optimizer.state
+
+    def step(self):
+        with native_kernel.disabled():
+            self.optimizer.step()
+
+
+class _ForwardOnlyRule(flatopt.LSTMUpdateRule):
+    """The same network with ``forward`` overridden, so the optimizer takes its generic path."""
+
+    def forward(self, grad, state):
+        return super().forward(grad, state)
+
+
+def _forward_rule(weights):
+    rule, _ = flatopt.load_release(flatopt.resolve_weights(weights or flatopt.DEFAULT_WEIGHTS))
+    copy = _ForwardOnlyRule.from_config(rule.config())
+    copy.load_state_dict(rule.state_dict())
+    return copy
+
+
+class _FrameworkCells:
+    """The learned step written with ``torch.nn.LSTMCell`` over the whole vector at once."""
+
+    def __init__(self, param, weights):
+        rule, _ = flatopt.load_release(flatopt.resolve_weights(weights or flatopt.DEFAULT_WEIGHTS))
+        hidden = rule.hidden_size
+        self.param, self.rule = param, rule
+        self.cells = [torch.nn.LSTMCell(2, hidden), torch.nn.LSTMCell(hidden, hidden)]
+        with torch.no_grad():
+            for cell, weight, bias in zip(
+                self.cells,
+                (rule.cell1_weight, rule.cell2_weight),
+                (rule.cell1_bias, rule.cell2_bias),
+            ):
+                inputs = cell.input_size
+                cell.weight_ih.copy_(weight[:, :inputs])
+                cell.weight_hh.copy_(weight[:, inputs:])
+                cell.bias_ih.copy_(bias)
+                cell.bias_hh.zero_()
+        zeros = torch.zeros(param.numel(), hidden)
+        self.state = {"h1": zeros, "c1": zeros, "h2": zeros, "c2": zeros}
+
+    @torch.no_grad()
+    def step(self):
+        state, rule = self.state, self.rule
+        features = preprocess_gradient(self.param.grad.reshape(-1), rule.preprocess_p)
+        state["h1"], state["c1"] = self.cells[0](features, (state["h1"], state["c1"]))
+        state["h2"], state["c2"] = self.cells[1](state["h1"], (state["h2"], state["c2"]))
+        update = torch.nn.functional.linear(state["h2"], rule.output_weight, rule.output_bias)
+        self.param.add_(update.view_as(self.param) * rule.output_scale)
+
+
+def _state_bytes(stepper):
+    tensors = []
+    for entry in stepper.state.values():
+        tensors.extend(entry.values() if isinstance(entry, dict) else [entry])
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _memory_floor(size, repeats):
+    state = torch.zeros(size, 80)
+    return median_time(lambda: state.mul_(1.0), repeats)
+
+
+def _compute_floor(size, repeats):
+    chunk = min(CPU_CHUNK, size)
+    cell1_input, cell2_input = torch.randn(chunk, 22), torch.randn(chunk, 40)
+    cell1_weight, cell2_weight = torch.randn(80, 22), torch.randn(80, 40)
+    top_hidden, output_weight = torch.randn(chunk, 20), torch.randn(1, 20)
+    gates, update = torch.empty(chunk, 80), torch.empty(chunk, 1)
+
+    def products():
+        for start in range(0, size, chunk):
+            n = min(chunk, size - start)
+            torch.mm(cell1_input[:n], cell1_weight.t(), out=gates[:n])
+            torch.mm(cell2_input[:n], cell2_weight.t(), out=gates[:n])
+            torch.mm(top_hidden[:n], output_weight.t(), out=update[:n])
+
+    return median_time(products, repeats)
+
+
+def _iteration_row(name, weights, repeats, seed, batch_size):
+    """Time forward+backward and step of one model with Adam and the learned optimizer.
+
+    Returns the row, or the reason the model was skipped.
+    """
+    from training import optimizees
+
+    factory_name, example_shape = MODELS[name]
+    factory = getattr(optimizees, factory_name, None)
+    if factory is None:
+        return f"training.optimizees.{factory_name} is not in this checkout"
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(batch_size, *example_shape, generator=generator)
+    labels = torch.randint(0, 10, (batch_size,), generator=generator)
+    row = {"model": name, "batch_size": batch_size}
+    makers = {
+        "adam": lambda params: torch.optim.Adam(params),
+        "learned": lambda params: flatopt.LearnedOptimizer(params, weights),
+    }
+    for label, make in makers.items():
+        torch.manual_seed(seed)
+        model = factory()
+        optimizer = make(model.parameters())
+        row["parameters"] = sum(p.numel() for p in model.parameters())
+        row[label] = _time_iterations(model, optimizer, inputs, labels, repeats)
+    return row
+
+
+def _time_iterations(model, optimizer, inputs, labels, repeats):
+    def forward_backward():
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(inputs), labels).backward()
+
+    forward_backward()
+    optimizer.step()  # warm-up: creates the optimizer state
+    passes, steps = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        forward_backward()
+        stepped = time.perf_counter()
+        optimizer.step()
+        passes.append(stepped - started)
+        steps.append(time.perf_counter() - stepped)
+    return {
+        "forward_backward_s": statistics.median(passes),
+        "step_s": statistics.median(steps),
+        "total_s": statistics.median(p + s for p, s in zip(passes, steps)),
+    }
+
+
+def render_speed_markdown(report):
+    """Render a :func:`step_costs` report as Markdown.
+
+    Sections: setup, step times, ratios, memory and training iterations.
+
+    Args:
+        report: The dictionary returned by :func:`step_costs` (or read back from its JSON).
+
+    Returns:
+        The Markdown text.
+    """
+    machine = report["machine"]
+    lines = [
+        "# Cost of the learned optimizer's step",
+        "",
+        (
+            f"Measured on {machine.get('processor')} ({machine.get('platform')}), torch "
+            f"{report['torch']}, {report['threads']} torch thread(s), median of "
+            f"{report['repeats']} calls after a warm-up. Native kernel: "
+            f"{'yes' if report['native_kernel'] else 'no'}; torch-operator chunk: "
+            f"{report['chunk']:,} coordinates."
+        ),
+        "",
+        "## Step time (ms)",
+        "",
+        *_step_time_table(report["steps"]),
+        "",
+        (
+            "The memory floor is one in-place read and write of the (N, 80) float32 state; the "
+            "compute floor is the step's matrix products alone, by BLAS in chunks."
+        ),
+        "",
+        "## Learned step relative to",
+        "",
+        *_ratio_table(report["steps"]),
+        "",
+        "## Memory",
+        "",
+        *_memory_table(report["steps"]),
+        "",
+        f"Peak extra memory: {report['method']['peak_extra_memory']}.",
+    ]
+    if report["iterations"] or report.get("skipped_models"):
+        lines += ["", "## Training iterations (ms)", "", *_iteration_table(report)]
+    return "\n".join(lines) + "\n"
+
+
+def _milliseconds(seconds):
+    if seconds is None:
+        return "–"
+    return f"{1000 * seconds:.2f}" if seconds < 0.01 else f"{1000 * seconds:.1f}"
+
+
+def _ratio(numerator, denominator):
+    if numerator is None or denominator is None or denominator <= 0:
+        return "–"
+    value = numerator / denominator
+    return f"{value:.2f}x" if value < 10 else f"{value:.0f}x"
+
+
+def _bytes(count):
+    if count is None:
+        return "–"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(count) >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+def _step_time_table(rows):
+    columns = {**STEP_COLUMNS, "memory_floor": "memory floor", "compute_floor": "compute floor"}
+    lines = [
+        "| parameters | " + " | ".join(columns.values()) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for row in rows:
+        times = row["time_s"]
+        cells = [_milliseconds(times.get(key)) for key in columns]
+        lines.append(f"| {row['parameters']:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ratio_table(rows):
+    lines = [
+        (
+            "| parameters | x Adam | x memory floor | x compute floor | bf16 state x float32 "
+            "| torch operators x native | speed-up over forward path "
+            "| speed-up over framework cells |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        times = row["time_s"]
+        learned = times.get("learned")
+        cells = [
+            _ratio(learned, times.get("adam")),
+            _ratio(learned, times.get("memory_floor")),
+            _ratio(learned, times.get("compute_floor")),
+            _ratio(times.get("learned_bf16"), learned),
+            _ratio(times.get("learned_torch"), learned),
+            _ratio(times.get("forward_path"), learned),
+            _ratio(times.get("framework_cells"), learned),
+        ]
+        lines.append(f"| {row['parameters']:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _memory_table(rows):
+    state_columns = ("adam", "learned", "learned_bf16", "framework_cells")
+    peak_columns = tuple(STEP_COLUMNS)
+    lines = [
+        "| parameters | "
+        + " | ".join(f"state per parameter: {STEP_COLUMNS[name]}" for name in state_columns)
+        + " | "
+        + " | ".join(f"peak extra in a step: {STEP_COLUMNS[name]}" for name in peak_columns)
+        + " |",
+        "|---" * (1 + len(state_columns) + len(peak_columns)) + "|",
+    ]
+    for row in rows:
+        size = row["parameters"]
+        states = [row["state_bytes"].get(name) for name in state_columns]
+        cells = ["–" if state is None else f"{state / size:.0f} B" for state in states]
+        cells += [_bytes(row["peak_extra_bytes"].get(name)) for name in peak_columns]
+        lines.append(f"| {size:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _iteration_table(report):
+    lines = [
+        (
+            "| model | parameters | batch | Adam: forward+backward | Adam: step | Adam: total "
+            "| learned: forward+backward | learned: step | learned: total | learned / Adam |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["iterations"]:
+        adam, learned = row["adam"], row["learned"]
+        cells = [
+            f"{row['parameters']:,}",
+            str(row["batch_size"]),
+            *(_milliseconds(adam[key]) for key in ("forward_backward_s", "step_s", "total_s")),
+            *(_milliseconds(learned[key]) for key in ("forward_backward_s", "step_s", "total_s")),
+            _ratio(learned["total_s"], adam["total_s"]),
+        ]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    for skipped in report.get("skipped_models", []):
+        lines.append(f"| {skipped['model']} | skipped: {skipped['reason']} |" + " |" * 8)
+    return lines

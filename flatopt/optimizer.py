@@ -3,16 +3,22 @@
 import logging
 import sys
 import warnings
+from dataclasses import dataclass
 
 import torch
 
+from .fused_step import StepWorkspace
 from .weights import DEFAULT_WEIGHTS, bundled_release, load_release
 
 logger = logging.getLogger(__name__)
 
-# Coordinates pushed through the update rule at once: bounds the step's temporaries to a few MB
-# whatever the model size, while keeping each matrix multiply large enough to be efficient.
+# Coordinates pushed through an update rule's forward at once, where the rule has no in-place step:
+# bounds the network's temporaries to a few MB whatever the model size, while keeping each matrix
+# multiply large enough to be efficient.
 _CHUNK = 1 << 15
+# Relative slack on the update rule's bound on its updates, for rounding in the read-out.
+_BOUND_SLACK = 1e-4
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 # On accelerators, skipped updates are counted on the device and reported every this many steps,
 # so that the guard never forces a host synchronisation on every step.
 _REPORT_EVERY = 100
@@ -38,6 +44,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
     100 steps, to avoid a host synchronisation per step). With ``nonfinite="raise"`` the step raises
     ``FloatingPointError`` before any parameter of any group moves.
 
+    The step runs the update rule's in-place step where it has one (the LSTM rule does): each
+    coordinate's recurrent state is overwritten where it lies, a chunk at a time, so the step needs
+    no memory beyond the state itself and buffers of a few MB. On the CPU it uses a native kernel,
+    compiled on the first step (once per machine, up to a minute; see
+    :mod:`flatopt.native_kernel`), and torch operators where no compiler is available. Because a
+    state written in place cannot be taken back, a tensor is judged before it is updated: by its
+    gradient's finiteness when the rule's bound on its updates is within ``max_update`` (see
+    :meth:`LSTMUpdateRule.update_bound`), else by first computing its updates without writing the
+    state, which doubles the cost of such a step.
+
     Args:
         params: Iterable of parameters or of parameter-group dicts.
         weights: Which learned optimizer to run: a bundled release name (see
@@ -51,10 +67,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
         nonfinite: ``"skip"`` or ``"raise"``: what a step does with a bad tensor (see above).
         max_update: Largest magnitude a learned update of one coordinate may have (before ``lr``);
             larger ones mark the tensor bad. The LSTM's read-out is bounded well below the default.
+        state_dtype: Storage type of the recurrent state: ``torch.float32`` (the default, 320
+            bytes per parameter for the released LSTM) or ``torch.bfloat16`` (160 bytes per
+            parameter). The update rule computes in float32 either way; bfloat16 storage rounds
+            the state to about three significant digits after every step, so trajectories drift
+            from float32 ones. State dicts keep the storage type of the optimizer that loads them.
 
     Raises:
         ValueError: For a negative ``lr`` or ``weight_decay``, a non-positive ``max_update``, an
-            unknown ``nonfinite`` policy, or weights that cannot be loaded.
+            unknown ``nonfinite`` policy, an unsupported ``state_dtype``, or weights that cannot be
+            loaded.
     """
 
     def __init__(
@@ -67,10 +89,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
         maximize=False,
         nonfinite="skip",
         max_update=1.0,
+        state_dtype=torch.float32,
     ):
         _check_hyperparameters(
             dict(lr=lr, weight_decay=weight_decay, nonfinite=nonfinite, max_update=max_update)
         )
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"Invalid state_dtype {state_dtype!r}; choose torch.float32 or torch.bfloat16"
+            )
         if isinstance(weights, torch.nn.Module):
             update_rule, config = weights, {"name": "<in-memory>", "update_rule": weights.config()}
         else:
@@ -90,8 +117,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.update_rule = update_rule
         self.release_config = config
+        self.state_dtype = state_dtype
         self._pending_skips = {}  # device -> count of skipped tensor updates not yet reported
         self._steps_since_report = 0
+        self._workspace = StepWorkspace()
 
     def add_param_group(self, param_group):
         """Add a parameter group, checking its own settings like the constructor's.
@@ -106,23 +135,32 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def __getstate__(self):
         # torch.optim.Optimizer pickles only defaults, state and groups; the update rule and the
         # guard's counters belong to the optimizer too (deepcopy and pickle go through here).
+        # The workspace holds only scratch buffers and is rebuilt empty.
         return {
             **super().__getstate__(),
             "update_rule": self.update_rule,
             "release_config": self.release_config,
+            "state_dtype": self.state_dtype,
             "_pending_skips": self._pending_skips,
             "_steps_since_report": self._steps_since_report,
         }
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._workspace = StepWorkspace()
+
     def __repr__(self):
         name = self.release_config.get("name", "<unnamed>")
-        return f"{super().__repr__()[:-2]}\n    weights: {name}\n)"
+        extra = (
+            "" if self.state_dtype == torch.float32 else f"\n    state_dtype: {self.state_dtype}"
+        )
+        return f"{super().__repr__()[:-2]}\n    weights: {name}{extra}\n)"
 
     def load_state_dict(self, state_dict):
         """Load optimizer state saved by :meth:`state_dict`, after checking that it fits.
 
-        The recurrent state keeps its own float32 dtype whatever the parameters' dtype, and moves to
-        each parameter's device.
+        The recurrent state is stored in this optimizer's ``state_dtype``, whatever the parameters'
+        dtype and whatever the saving optimizer used, and moves to each parameter's device.
 
         Raises:
             ValueError: If the state was saved by another optimizer, for other parameters, or by a
@@ -150,8 +188,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         for index, p in enumerate(params):
             if index in recurrent:
-                self.state[p]["lstm_state"] = recurrent[index].to(
-                    p.device, torch.float32, copy=True
+                self.state[p]["lstm_state"] = (
+                    recurrent[index].to(p.device, self.state_dtype, copy=True).contiguous()
                 )
                 # torch keeps "step" where it was saved; the step counts on the parameter's device.
                 self.state[p]["step"] = self.state[p]["step"].to(p.device, torch.float32)
@@ -203,14 +241,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             params, grads, states = self._gather(group)
             if params:
-                work.append(
-                    (group, params, *self._apply_update_rule(grads, states, group["max_update"]))
-                )
+                work.append(self._judge(group, params, grads, states))
 
         self._raise_on_bad_tensors(work)
 
-        for group, params, updates, new_states, good in work:
-            self._write_back(group, params, updates, new_states, good)
+        for group_step in work:
+            self._write_back(group_step)
 
         self._report_skips(work)
         return loss
@@ -230,23 +266,46 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
+            # A view, not a copy, for the usual contiguous float32 gradient.
             grad = _as_real(_local_grad(p)).reshape(-1).to(torch.float32)
             state = self.state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["lstm_state"] = self.update_rule.initial_state(grad.numel(), device=p.device)
+                state["lstm_state"] = self.update_rule.initial_state(
+                    grad.numel(), device=p.device, dtype=self.state_dtype
+                )
             params.append(p)
-            grads.append(-grad if group["maximize"] else grad)
+            grads.append(grad)
             states.append(state)
         return params, grads, states
 
-    def _apply_update_rule(self, grads, states, max_update):
+    def _judge(self, group, params, grads, states):
+        """Decide which tensors of a group are good this step, before any state changes."""
+        rule = self.update_rule.to(grads[0].device)
+        finite = [_all_finite(g) for g in grads]
+        if not getattr(rule, "inplace_step_matches_forward", False):
+            updates, new_states, good = self._apply_forward(rule, group, grads, finite, states)
+            return _GroupStep(group, params, grads, states, good, updates, new_states)
+
+        sizes = [g.numel() for g in grads]
+        updates = self._workspace.buffer("updates", (sum(sizes),), grads[0].device).split(sizes)
+        max_update = group["max_update"]
+        if rule.update_bound(self._workspace) * (1 + _BOUND_SLACK) <= max_update:
+            return _GroupStep(group, params, grads, states, finite, updates)
+        # The bound does not exclude updates above max_update: compute them without touching the
+        # state, then again for real in _write_back.
+        self._run_inplace_step(rule, group, grads, states, updates, finite, write_state=False)
+        # NaN fails the comparison, so this also catches a non-finite update.
+        good = [ok & (u.abs() <= max_update).all() for ok, u in zip(finite, updates)]
+        return _GroupStep(group, params, grads, states, good, updates)
+
+    def _apply_forward(self, rule, group, grads, finite, states):
         # A non-finite gradient is replaced by zero before the network sees it, so that it cannot
         # poison the shared batch; the whole tensor's update is discarded afterwards.
-        finite = [torch.isfinite(g).all() for g in grads]
         grad = torch.cat([torch.where(ok, g, torch.zeros_like(g)) for ok, g in zip(finite, grads)])
-        state = torch.cat([s["lstm_state"] for s in states])
-        rule = self.update_rule.to(grad.device)
+        if group["maximize"]:
+            grad = -grad
+        state = torch.cat([s["lstm_state"] for s in states]).to(torch.float32)
 
         update = torch.empty_like(grad)
         new_state = torch.empty_like(state)
@@ -257,13 +316,32 @@ class LearnedOptimizer(torch.optim.Optimizer):
         sizes = [g.numel() for g in grads]
         updates, new_states = update.split(sizes), new_state.split(sizes)
         # NaN fails the comparison, so this also catches a non-finite update; true for empty tensors.
-        good = [ok & (u.abs() <= max_update).all() for ok, u in zip(finite, updates)]
+        good = [ok & (u.abs() <= group["max_update"]).all() for ok, u in zip(finite, updates)]
         return updates, new_states, good
 
+    def _run_inplace_step(self, rule, group, grads, states, updates, good, write_state):
+        # On the CPU the flags are read for free and bad tensors are left out; on accelerators the
+        # flags stay on the device and mask the step instead, to avoid a host synchronisation.
+        if grads[0].device.type == "cpu":
+            chosen = [i for i, ok in enumerate(good) if ok]
+            keep = None
+        else:
+            chosen, keep = range(len(grads)), good
+        rule.step_inplace(
+            [grads[i] for i in chosen],
+            [states[i]["lstm_state"] for i in chosen],
+            [updates[i] for i in chosen],
+            maximize=group["maximize"],
+            keep=keep,
+            write_state=write_state,
+            workspace=self._workspace,
+        )
+
     def _raise_on_bad_tensors(self, work):
-        if all(group["nonfinite"] != "raise" for group, *_ in work):
+        if all(item.group["nonfinite"] != "raise" for item in work):
             return
-        for group, params, _, _, good in work:
+        for item in work:
+            group, params, good = item.group, item.params, item.good
             if group["nonfinite"] == "raise":
                 bad = [_describe(group, p) for p, ok in zip(params, good) if not ok]
                 if bad:
@@ -275,11 +353,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def _report_skips(self, work):
         skipped_here, elsewhere = [], {}
-        for group, params, _, _, good in work:
-            for p, ok in zip(params, good):
+        for item in work:
+            for p, ok in zip(item.params, item.good):
                 if p.device.type == "cpu":
                     if not ok:  # reading the flag is free on the CPU
-                        skipped_here.append(_describe(group, p))
+                        skipped_here.append(_describe(item.group, p))
                 else:
                     count = elsewhere.get(p.device, 0)
                     elsewhere[p.device] = count + (~ok).to(torch.int64)
@@ -308,18 +386,30 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     stacklevel=5,  # the caller of step(), past the no_grad and hook wrappers
                 )
 
-    def _write_back(self, group, params, updates, new_states, good):
-        lr, weight_decay = group["lr"], group["weight_decay"]
-        for p, update, new_state, ok in zip(params, updates, new_states, good):
+    def _write_back(self, item):
+        if item.new_states is None:
+            self._run_inplace_step(
+                self.update_rule,
+                item.group,
+                item.grads,
+                item.states,
+                item.updates,
+                item.good,
+                write_state=True,
+            )
+        lr, weight_decay = item.group["lr"], item.group["weight_decay"]
+        for index, (p, update, ok) in enumerate(zip(item.params, item.updates, item.good)):
             state = self.state[p]
             # On the CPU a bad tensor is skipped here; on accelerators the flag stays on the device
             # and every write is masked instead, to avoid a host synchronisation.
             masked = p.device.type != "cpu"
             if not masked and not ok:
                 continue
-            state["lstm_state"].copy_(
-                torch.where(ok, new_state, state["lstm_state"]) if masked else new_state
-            )
+            if item.new_states is not None:
+                new_state = item.new_states[index]
+                state["lstm_state"].copy_(
+                    torch.where(ok, new_state, state["lstm_state"]) if masked else new_state
+                )
             state["step"] += ok.to(torch.float32)
             target = _as_real(_local(p))
             delta = torch.where(ok, update, torch.zeros_like(update)) if masked else update
@@ -327,6 +417,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if weight_decay != 0:
                 target.mul_(torch.where(ok, 1 - lr * weight_decay, 1.0).to(target.dtype))
             target.add_(delta, alpha=lr)
+
+
+@dataclass
+class _GroupStep:
+    """One parameter group's share of a step, between judging its tensors and writing them."""
+
+    group: dict
+    params: list
+    grads: list  # 1-D float32 views of the gradients
+    states: list  # the parameters' optimizer-state dicts
+    good: list  # 0-dim bool tensor per parameter
+    updates: list  # per parameter; filled by _write_back where new_states is None
+    new_states: list = None  # computed by the rule's forward; None for the in-place step
 
 
 def _check_hyperparameters(settings):
@@ -350,6 +453,16 @@ def _check_hyperparameters(settings):
         raise ValueError(
             f"Invalid nonfinite policy {settings['nonfinite']!r}; choose one of {NONFINITE_POLICIES}"
         )
+
+
+def _all_finite(tensor):
+    """Return a 0-dim bool tensor: whether every entry is finite (true for an empty tensor)."""
+    if tensor.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    # Extremes propagate NaN and show infinities; unlike isfinite(), they need no temporary as
+    # large as the tensor.
+    low, high = torch.aminmax(tensor)
+    return torch.isfinite(low) & torch.isfinite(high)
 
 
 def _describe(group, p):

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from . import fused_step
+
 
 class LSTMUpdateRule(nn.Module):
     """Coordinate-wise two-layer LSTM update rule (L2O-DM).
@@ -121,9 +123,15 @@ class LSTMUpdateRule(nn.Module):
             output_scale=config["output_scale"],
         )
 
-    def initial_state(self, num_coordinates, device=None):
-        """Return the zero state for ``num_coordinates`` coordinates, shape ``(N, state_size)``, float32."""
-        return torch.zeros(num_coordinates, self.state_size, device=device, dtype=torch.float32)
+    def initial_state(self, num_coordinates, device=None, dtype=torch.float32):
+        """Return the zero state for ``num_coordinates`` coordinates, shape ``(N, state_size)``.
+
+        Args:
+            num_coordinates: Rows of the state.
+            device: Where to allocate it.
+            dtype: Its storage type: float32, or bfloat16 for :meth:`step_inplace` only.
+        """
+        return torch.zeros(num_coordinates, self.state_size, device=device, dtype=dtype)
 
     def forward(self, grad, state):
         """Compute updates for a batch of coordinates.
@@ -147,6 +155,77 @@ class LSTMUpdateRule(nn.Module):
         update = torch.addmm(self.output_bias, h2, self.output_weight.t()).squeeze(1)
 
         return update * self.output_scale, torch.cat([h1, c1, h2, c2], dim=1)
+
+    @property
+    def inplace_step_matches_forward(self):
+        """Whether :meth:`step_inplace` computes what this module's :meth:`forward` computes.
+
+        False when a subclass or a patch replaces ``forward``; :class:`flatopt.LearnedOptimizer`
+        then calls ``forward`` instead.
+        """
+        return type(self).forward is _LSTM_FORWARD
+
+    @torch.no_grad()
+    def step_inplace(
+        self,
+        grads,
+        states,
+        updates,
+        *,
+        maximize=False,
+        keep=None,
+        write_state=True,
+        workspace=None,
+        chunk=None,
+    ):
+        """Compute the updates of many tensors' coordinates, overwriting their states in place.
+
+        Computes :meth:`forward` for every coordinate, without autograd and without temporaries
+        that grow with the number of coordinates (see :mod:`flatopt.fused_step`). The state may be
+        stored in bfloat16; the computation is in float32 either way.
+
+        Args:
+            grads: One 1-D float32 gradient per tensor; finite except where ``keep`` is false.
+            states: Matching recurrent states, ``(N_i, state_size)`` contiguous float32 or
+                bfloat16 tensors, overwritten with the next states.
+            updates: Matching contiguous ``(N_i,)`` float32 tensors that receive the updates.
+            maximize: Negate the gradients first.
+            keep: Optional 0-dim bool tensor per tensor; where false, the state is left
+                unchanged (and the update is meaningless). Lets accelerators skip a tensor without
+                a host synchronisation; non-finite gradient entries are then read as zero.
+            write_state: If false, compute the updates and leave every state unchanged.
+            workspace: A :class:`flatopt.fused_step.StepWorkspace` whose buffers are reused;
+                a temporary one by default.
+            chunk: Coordinates per chunk where torch operators run the step; the default suits
+                the device.
+        """
+        if not grads:
+            return
+        workspace = workspace if workspace is not None else fused_step.StepWorkspace()
+        fused_step.fused_step(
+            self,
+            grads,
+            states,
+            updates,
+            maximize=maximize,
+            keep=keep,
+            write_state=write_state,
+            workspace=workspace,
+            chunk=chunk,
+        )
+
+    def update_bound(self, workspace=None):
+        """Return a bound on the magnitude of any update: ``output_scale * (|b_o| + ||w_o||_1)``.
+
+        The top hidden state lies in ``(-1, 1)``, so the read-out cannot exceed this; it is
+        infinite if any weight is not finite.
+
+        Args:
+            workspace: A :class:`flatopt.fused_step.StepWorkspace` that caches the value (and
+                spares a host synchronisation on accelerators) until the weights change.
+        """
+        workspace = workspace if workspace is not None else fused_step.StepWorkspace()
+        return workspace.network(self, self.output_weight.device).update_bound
 
 
 def preprocess_gradient(grad, p):
@@ -176,6 +255,9 @@ def _lstm_cell(inputs, cell, weight, bias):
     hidden = torch.sigmoid(out_gate) * torch.tanh(cell)
     return hidden, cell
 
+
+# The forward that step_inplace reimplements, to tell when a subclass or a patch has replaced it.
+_LSTM_FORWARD = LSTMUpdateRule.forward
 
 UPDATE_RULES = {LSTMUpdateRule.architecture: LSTMUpdateRule}
 

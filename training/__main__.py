@@ -20,6 +20,7 @@ from .meta import MetaTrainer, Recipe, lambda_search
 from .plots import plot_log
 from .release import describe, evaluate_release, export_release, git_commit
 
+
 def positive_int(text):
     value = int(text)
     if value < 1:

@@ -137,13 +137,25 @@ class Recipe:
         if not self.imitation_activations:
             raise ValueError("imitation_activations must name at least one activation")
         if any(h < 1 for h in self.curriculum) or self.curriculum != sorted(set(self.curriculum)):
-            raise ValueError(f"curriculum horizons must be positive and increasing, got {self.curriculum}")
-        for name in ("teacher_lr", "meta_lr", "imitation_meta_lr", "max_grad_norm", "entropy_step_size"):
+            raise ValueError(
+                f"curriculum horizons must be positive and increasing, got {self.curriculum}"
+            )
+        for name in (
+            "teacher_lr",
+            "meta_lr",
+            "imitation_meta_lr",
+            "max_grad_norm",
+            "entropy_step_size",
+        ):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ValueError(f"recipe setting {name} must be a positive number, got {getattr(self, name)}")
+                raise ValueError(
+                    f"recipe setting {name} must be a positive number, got {getattr(self, name)}"
+                )
         for name in ("reg_lambda", "entropy_noise", "entropy_gamma"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"recipe setting {name} must be a number >= 0, got {getattr(self, name)}")
+                raise ValueError(
+                    f"recipe setting {name} must be a number >= 0, got {getattr(self, name)}"
+                )
         for probability in [self.imitation_probability, *self.stage_imitation_probabilities]:
             if not 0.0 <= probability <= 1.0:
                 raise ValueError(f"imitation probabilities must lie in [0, 1], got {probability}")

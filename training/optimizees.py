@@ -6,6 +6,7 @@ trains a real ``nn.Module`` with any ``torch.optim`` optimizer through :func:`tr
 Users plug in their own optimizee by building a task from their own factory and dataset.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -275,6 +276,12 @@ def train_and_evaluate(
 ):
     """Train a fresh model of ``task`` with a ``torch.optim`` optimizer and record its curves.
 
+    An optimizer that evaluates the gradient more than once per step (one whose
+    ``gradient_evaluations_per_step`` is above 1, like the flat-minima baselines of
+    ``benchmarks.baselines``) is stepped with a closure that returns the minibatch's loss without
+    calling ``backward()``; the optimizer differentiates it as often as it needs. Any other
+    optimizer gets the usual forward, backward and argument-less ``step()``.
+
     Args:
         task: The :class:`ClassificationTask`.
         make_optimizer: Callable ``params -> torch.optim.Optimizer``.
@@ -305,13 +312,18 @@ def train_and_evaluate(
     if measure is not None:
         curves["measures"] = []
     eval_steps = set(eval_steps)
+    needs_closure = getattr(optimizer, "gradient_evaluations_per_step", 1) > 1
 
     for step in range(1, steps + 1):
         images, labels = task.sample_batch(generator)
-        loss = nn.functional.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if needs_closure:
+            # It returns the loss at the weights it started from, as the plain path records.
+            loss = optimizer.step(functools.partial(_minibatch_loss, model, images, labels))
+        else:
+            loss = nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         curves["train_loss"].append(loss.item())
         if not math.isfinite(curves["train_loss"][-1]):
             curves["diverged"] = True
@@ -328,6 +340,10 @@ def train_and_evaluate(
         if curves["diverged"]:
             break
     return curves
+
+
+def _minibatch_loss(model, images, labels):
+    return nn.functional.cross_entropy(model(images), labels)
 
 
 def tune_learning_rate(make_optimizer, task, lrs, steps, seeds=2):

@@ -234,9 +234,7 @@ def test_stage_imitation_probabilities_need_one_value_per_stage():
         Recipe(curriculum=[10], stage_imitation_probabilities=[1.5])
 
 
-def test_a_users_own_optimizee_is_meta_trained_without_editing_the_trainer(
-    fashion_mnist, tmp_path
-):
+def test_a_users_own_optimizee_is_meta_trained_without_editing_the_trainer(fashion_mnist, tmp_path):
     from torch import nn
 
     from training.optimizees import holdout_task
