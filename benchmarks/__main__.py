@@ -17,7 +17,7 @@ import textwrap
 import torch
 
 import flatopt
-from training.data import DatasetUnavailableError
+from training.data import DatasetUnavailableError, load_dataset
 
 from .presets import DEFAULT_PRESET, PRESETS
 from .report import write_report
@@ -34,7 +34,9 @@ from .speed import (
     DEFAULT_SIZES,
     MODELS,
     NAIVE_MAX_SIZE,
+    meta_training_step_time,
     render_speed_markdown,
+    state_dtype_accuracy,
     step_costs,
 )
 
@@ -142,6 +144,19 @@ def _run(parser, argv):
         help="largest size for the forward path and the framework LSTM cells (they need "
         "about 1.5 KB per parameter)",
     )
+    speed.add_argument(
+        "--accuracy-steps",
+        type=int,
+        default=1000,
+        help="steps of the float32-against-bfloat16-state accuracy runs on MNIST (0: skip)",
+    )
+    speed.add_argument("--accuracy-seeds", type=positive_int, default=3)
+    speed.add_argument(
+        "--meta",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time an unrolled meta-training step on the MNIST MLP",
+    )
     speed.add_argument("--out", default="results", help="folder for speed.json and speed.md")
     args = parser.parse_args(argv)
 
@@ -154,6 +169,14 @@ def _run(parser, argv):
             naive_max_size=args.naive_max_size,
             models=args.models,
         )
+        if args.accuracy_steps > 0 or args.meta:
+            dataset = load_dataset("mnist")
+        if args.accuracy_steps > 0:
+            report["state_dtype_accuracy"] = state_dtype_accuracy(
+                dataset, args.accuracy_steps, args.accuracy_seeds
+            )
+        if args.meta:
+            report["meta_training_step_s"] = meta_training_step_time(dataset)
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         markdown = render_speed_markdown(report)

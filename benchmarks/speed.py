@@ -22,6 +22,11 @@ on random inputs, put the step in context.
 Times are medians over ``repeats`` calls after one warm-up call, measured side by side in one
 process: only their ratios carry over to other machines. See :data:`METHOD` for the memory
 figures.
+
+Two further measurements go with the table: what bfloat16 recurrent state does to test accuracy
+(:func:`state_dtype_accuracy`), and the time of one unrolled optimizee step in meta-training
+(:func:`meta_training_step_time`), which differentiates through the update rule's ``forward`` and
+so does not use the fused step.
 """
 
 import statistics
@@ -34,7 +39,11 @@ from flatopt import native_kernel
 from flatopt.fused_step import CPU_CHUNK
 from flatopt.update_rules import preprocess_gradient
 
+from training.optimizees import conv_mnist, mlp, test_task, train_and_evaluate
+
 from .run import machine_description
+
+ACCURACY_OPTIMIZEES = {"mlp-relu": lambda: mlp(20, "relu"), "conv-mnist": conv_mnist}
 
 DEFAULT_SIZES = (16_000, 270_000, 1_000_000, 4_000_000)
 # Above this, the forward path and the framework cells are skipped (they allocate ~1.5 KB/param).
@@ -321,6 +330,57 @@ def _time_iterations(model, optimizer, inputs, labels, repeats):
     }
 
 
+def state_dtype_accuracy(dataset, steps=1000, seeds=3, weights=None):
+    """Test accuracy with float32 and with bfloat16 recurrent state, on the same seeds.
+
+    Args:
+        dataset: The MNIST dataset.
+        steps: Optimizer steps per run.
+        seeds: Runs per optimizee and state type.
+        weights: Learned-optimizer weights (default: the recommended bundled release).
+
+    Returns:
+        ``[{"optimizee", "steps", "seeds", "float32": [accuracies], "bfloat16": [accuracies]}]``.
+    """
+    rows = []
+    for name, make_model in ACCURACY_OPTIMIZEES.items():
+        task = test_task(make_model, dataset, name)
+        row = {"optimizee": name, "steps": steps, "seeds": seeds}
+        for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+
+            def make_optimizer(params, dtype=dtype):
+                return flatopt.LearnedOptimizer(params, weights, state_dtype=dtype)
+
+            row[dtype_name] = [
+                train_and_evaluate(task, make_optimizer, steps, seed)["eval_accuracy"][-1]
+                for seed in range(seeds)
+            ]
+        rows.append(row)
+    return rows
+
+
+def meta_training_step_time(dataset, repeats=3, unroll_length=20):
+    """Seconds per optimizee step of a meta-training unroll on the MNIST MLP, backward included.
+
+    Meta-training differentiates through ``LSTMUpdateRule.forward``; the fused in-place step is
+    for running a trained rule only, so this time is the same before and after it.
+    """
+    from training.meta import meta_unroll, mnist_tasks
+
+    rule = flatopt.load_release(flatopt.DEFAULT_WEIGHTS)[0].requires_grad_(True).train()
+    task = mnist_tasks(dataset, "sigmoid", BATCH_SIZE)
+    params = task.init_params(seed=0)
+    state = rule.initial_state(sum(p.numel() for p in params.values()))
+
+    def unroll():
+        loss, _, _, _ = meta_unroll(
+            rule, task, params, state, torch.Generator().manual_seed(0), unroll_length
+        )
+        loss.backward()
+
+    return median_time(unroll, repeats) / unroll_length
+
+
 def render_speed_markdown(report):
     """Render a :func:`step_costs` report as Markdown.
 
@@ -365,7 +425,45 @@ def render_speed_markdown(report):
     ]
     if report["iterations"] or report.get("skipped_models"):
         lines += ["", "## Training iterations (ms)", "", *_iteration_table(report)]
+    if report.get("state_dtype_accuracy"):
+        lines += [
+            "",
+            "## bfloat16 recurrent state",
+            "",
+            *_dtype_table(report["state_dtype_accuracy"]),
+        ]
+    if report.get("meta_training_step_s") is not None:
+        lines += [
+            "",
+            "## Meta-training",
+            "",
+            f"One unrolled optimizee step of meta-training on the MNIST MLP (784-20-10, batch "
+            f"{BATCH_SIZE}), forward, update rule and its share of the meta-backward: "
+            f"{_milliseconds(report['meta_training_step_s'])} ms. Meta-training differentiates "
+            "through the update rule's `forward`, which the fused step does not replace, so this "
+            "time is unchanged by it.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _dtype_table(rows):
+    lines = [
+        "| optimizee | steps | seeds | float32 state | bfloat16 state | difference (points) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        f32, bf16 = row["float32"], row["bfloat16"]
+        difference = 100 * (statistics.fmean(bf16) - statistics.fmean(f32))
+        lines.append(
+            f"| {row['optimizee']} | {row['steps']} | {row['seeds']} | {_accuracy(f32)} | "
+            f"{_accuracy(bf16)} | {difference:+.2f} |"
+        )
+    return lines
+
+
+def _accuracy(values):
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.2f}% ± {100 * spread:.2f}"
 
 
 def _milliseconds(seconds):

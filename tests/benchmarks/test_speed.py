@@ -5,6 +5,7 @@ import json
 import pytest
 
 from benchmarks.__main__ import main
+from benchmarks import speed
 from benchmarks.speed import render_speed_markdown, step_costs
 
 STEPPERS = ["adam", "learned", "learned_bf16", "learned_torch"]
@@ -142,9 +143,33 @@ def test_markdown_of_a_recorded_report():
     assert "| resnet20 | skipped: not in this checkout |" in markdown
 
 
-def test_speed_command_writes_json_and_markdown(tmp_path, capsys):
-    main(["speed", "--sizes", "50", "--repeats", "1", "--models", "--out", str(tmp_path)])
+def test_speed_command_writes_json_and_markdown(mnist, tmp_path, capsys):
+    main(
+        ["speed", "--sizes", "50", "--repeats", "1", "--models", "--out", str(tmp_path)]
+        + ["--accuracy-steps", "5", "--accuracy-seeds", "2"]
+    )
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert saved["steps"][0]["parameters"] == 50
     assert (tmp_path / "speed.md").read_text() == render_speed_markdown(saved)
-    assert "## Step time (ms)" in capsys.readouterr().out
+    rows = saved["state_dtype_accuracy"]
+    assert [r["optimizee"] for r in rows] == ["mlp-relu", "conv-mnist"]
+    assert all(len(r["float32"]) == len(r["bfloat16"]) == 2 for r in rows)
+    assert saved["meta_training_step_s"] > 0
+    out = capsys.readouterr().out
+    assert "## Step time (ms)" in out and "## bfloat16 recurrent state" in out
+
+
+def test_state_dtype_table_reports_the_difference_in_points():
+    report = {
+        "state_dtype_accuracy": [
+            {
+                "optimizee": "mlp-relu",
+                "steps": 1000,
+                "seeds": 2,
+                "float32": [0.93, 0.95],
+                "bfloat16": [0.92, 0.94],
+            }
+        ]
+    }
+    lines = speed._dtype_table(report["state_dtype_accuracy"])
+    assert lines[-1] == "| mlp-relu | 1000 | 2 | 94.00% ± 1.41 | 93.00% ± 1.41 | -1.00 |"
