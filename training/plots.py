@@ -55,11 +55,12 @@ def plot_log(log_paths, out_path):
     regularized = any("regularizer_value" in r for _, (epochs, _) in runs for r in epochs)
 
     panels = 4 if regularized else 2
-    figure = Figure(
-        figsize=(PANEL_INCHES[0], PANEL_INCHES[1] * panels), dpi=DPI, layout="constrained"
-    )
+    figure = Figure(figsize=(PANEL_INCHES[0], PANEL_INCHES[1] * panels), dpi=DPI)
     FigureCanvasAgg(figure)
     axes = figure.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
+    # Fixed margins rather than a constrained layout: the legends beside the panels are taller
+    # than a panel when many runs are compared, and a layout engine would squash the panels.
+    figure.subplots_adjust(left=0.1, right=0.74, top=0.96, bottom=0.06, hspace=0.3)
 
     for index, (name, (epochs, events)) in enumerate(runs):
         colour = f"C{index % 10}"
@@ -238,7 +239,7 @@ def _plot_validation(ax, epochs, events, colour):
 
 def _label_line(ax, x, y, text, end, colour):
     """Write ``text`` along the vertical line at ``x``, from height ``y`` (axes fraction)."""
-    ax.text(
+    label = ax.text(
         x,
         y,
         f" {text} ",
@@ -247,7 +248,10 @@ def _label_line(ax, x, y, text, end, colour):
         verticalalignment=end,
         fontsize="x-small",
         color=colour,
+        clip_on=True,
     )
+    # A long label would otherwise make the constrained layout shrink every panel to fit it.
+    label.set_in_layout(False)
 
 
 def _plot_regularizer(value_ax, share_ax, epochs, colour):
