@@ -212,6 +212,7 @@ def render(results, readme_path, release_root, logs_dir):
     head, rest = text.split(TABLE_START, 1)
     _, tail = rest.split(TABLE_END, 1)
     table = comparison_table(results, list(results["optimizers"]))
+    table += "\n\n" + flatness_verdicts(results)
     readme_path.write_text(f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}", encoding="utf-8")
     for name in results["optimizers"]:
         folder = pathlib.Path(release_root) / name
@@ -271,6 +272,58 @@ def comparison_table(results, names):
         f"{results['machine']}."
     )
     return "\n".join(lines)
+
+
+def flatness_verdicts(results, baseline="dm-cl"):
+    """Markdown bullets: per release, where its regularizer helped against ``baseline``.
+
+    A difference in mean test accuracy counts as help (or harm) only when it exceeds the larger of
+    the two standard deviations over seeds; otherwise it is reported as no clear difference. Each
+    bullet also says how far the release stands from tuned Adam at the first step count.
+    """
+    steps = [str(s) for s in results["settings"]["steps"]]
+    optimizers = results["optimizers"]
+    if baseline not in optimizers:
+        return ""
+    lines = [
+        f"Against `{baseline}` (same recipe, no regularizer); a difference counts only where it "
+        "exceeds the larger standard deviation over seeds:",
+        "",
+    ]
+    for name, by_optimizee in optimizers.items():
+        if name == "adam":
+            continue
+        parts = []
+        for optimizee, result in by_optimizee.items():
+            reference = optimizers[baseline].get(optimizee)
+            if reference is None:
+                continue
+            verdicts = []
+            for step in steps if name != baseline else ():
+                mine = result["summary"][step]["test_accuracy"]
+                theirs = reference["summary"][step]["test_accuracy"]
+                verdicts.append(f"@{step} {_accuracy_verdict(mine, theirs)}")
+            if name != baseline:
+                trace = result["summary"][steps[-1]]["hessian_trace"][0]
+                reference_trace = reference["summary"][steps[-1]]["hessian_trace"][0]
+                verdicts.append(f"Hessian trace {trace / reference_trace:.2g}x")
+            adam = optimizers.get("adam", {}).get(optimizee)
+            if adam is not None:
+                gap = 100 * (
+                    adam["summary"][steps[0]]["test_accuracy"][0]
+                    - result["summary"][steps[0]]["test_accuracy"][0]
+                )
+                verdicts.append(f"{gap:.2f} points below tuned Adam @{steps[0]}")
+            parts.append(f"{optimizee}: " + ", ".join(verdicts))
+        lines.append(f"- `{name}`: " + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
+def _accuracy_verdict(mine, theirs):
+    difference = 100 * (mine[0] - theirs[0])
+    if abs(difference) <= 100 * max(mine[1], theirs[1]):
+        return f"no clear difference ({difference:+.2f} points)"
+    return f"{'better' if difference > 0 else 'worse'} by {abs(difference):.2f} points"
 
 
 PAPER_LAMBDAS = {"hessian-trace": 1e-8, "hessian-ev": 1e-8, "jacobian-trace": 1e-8, "entropy": 1e-6}

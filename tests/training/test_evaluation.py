@@ -6,7 +6,13 @@ import shutil
 import pytest
 
 import flatopt
-from training.evaluation import TABLE_END, TABLE_START, evaluate_releases, render
+from training.evaluation import (
+    TABLE_END,
+    TABLE_START,
+    evaluate_releases,
+    flatness_verdicts,
+    render,
+)
 
 
 SMALL = dict(steps=(10, 20), seeds=2, adam_lrs=(1e-3, 1e-2), probes=2, progress=None)
@@ -80,3 +86,37 @@ def test_render_refuses_a_readme_without_markers(results, tmp_path):
     readme.write_text("# no table here\n")
     with pytest.raises(ValueError, match="markers"):
         render(results[1], readme, tmp_path, tmp_path)
+
+
+def _fake_results(accuracies):
+    """Results with given (mean, std) test accuracies per optimizer at steps 1000 and 3000."""
+    def entry(pair, trace):
+        stats = {"test_accuracy": pair, "train_loss": [0.1, 0.0], "hessian_trace": [trace, 0.0]}
+        return {"summary": {"1000": stats, "3000": stats}}
+
+    return {
+        "settings": {"steps": [1000, 3000]},
+        "optimizers": {
+            name: {"mlp-relu": entry(pair, trace)} for name, (pair, trace) in accuracies.items()
+        },
+    }
+
+
+def test_flatness_verdicts_count_only_differences_beyond_the_spread():
+    results = _fake_results({
+        "adam": ([0.95, 0.002], 10.0),
+        "dm-cl": ([0.93, 0.005], 20.0),
+        "better": ([0.94, 0.002], 10.0),
+        "noisy": ([0.94, 0.02], 20.0),
+        "worse": ([0.90, 0.001], 40.0),
+    })
+
+    text = flatness_verdicts(results)
+
+    lines = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("- `")}
+    assert "better by 1.00 points" in lines["better"]
+    assert "Hessian trace 0.5x" in lines["better"]
+    assert "no clear difference (+1.00 points)" in lines["noisy"]
+    assert "worse by 3.00 points" in lines["worse"]
+    assert "5.00 points below tuned Adam @1000" in lines["worse"]
+    assert lines["dm-cl"] == "- `dm-cl`: mlp-relu: 2.00 points below tuned Adam @1000."
