@@ -11,6 +11,7 @@ commands:
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import textwrap
 
@@ -106,6 +107,13 @@ def _run(parser, argv):
         "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
     )
     run.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="runs trained at once, each in its own process (default: the preset's, at most the "
+        "machine's cores); with more than one, each gets one torch thread unless --threads says",
+    )
+    run.add_argument(
         "--dry-run",
         action="store_true",
         help="print the plan and its estimated time on this machine, then stop",
@@ -190,14 +198,17 @@ def _run(parser, argv):
         print(f"wrote {write_report(args.results, args.out)}")
         return
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     overrides = {"steps": args.steps, "seeds": args.seeds}
     preset = dataclasses.replace(
         PRESETS[args.preset], **{key: value for key, value in overrides.items() if value}
     )
+    workers = args.workers or min(preset.workers, os.cpu_count() or 1)
+    if args.threads or workers > 1:
+        torch.set_num_threads(args.threads or 1)
     out = args.out or pathlib.Path("results") / preset.name
-    results = run_benchmark(preset, out, args.optimizers, args.optimizees, args.dry_run)
+    results = run_benchmark(
+        preset, out, args.optimizers, args.optimizees, args.dry_run, workers=workers
+    )
     if not args.dry_run and results["runs"]:
         print()
         print(format_table(results))

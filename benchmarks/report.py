@@ -352,6 +352,11 @@ def _header(results):
             f"{machine['processor']}, {machine.get('cpu_count', '?')} CPUs, torch threads: "
             f"{machine['cpu_threads']}, {machine['platform']}"
             + (f", {machine['cuda']}" if machine.get("cuda") else "")
+            + (
+                f", {session['workers']} runs at once in separate processes"
+                if session.get("workers", 1) > 1
+                else ""
+            )
         )
         if described not in machines:
             machines.append(described)

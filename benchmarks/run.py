@@ -13,12 +13,14 @@ where it stopped; a results file is only ever extended with runs of the same set
 and the Markdown report (:mod:`benchmarks.report`) are generated from that file.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import platform
@@ -235,6 +237,7 @@ def run_benchmark(
     optimizees=None,
     dry_run=False,
     progress=True,
+    workers=1,
 ):
     """Run (or resume) a benchmark and write its results, figure and report into ``out``.
 
@@ -248,6 +251,10 @@ def run_benchmark(
         optimizees: Keys of :data:`OPTIMIZEES`; default the preset's.
         dry_run: Print the plan and its estimated time, then stop without training.
         progress: Show progress bars on stderr.
+        workers: Runs trained at once, each in its own process with the current number of torch
+            threads (give each worker one thread and one core). Learning-rate tuning stays in
+            this process. Per-iteration times are then measured with ``workers`` runs sharing
+            the machine, the same for every optimizer.
 
     Returns:
         The results, as written to ``results.json``.
@@ -282,27 +289,30 @@ def run_benchmark(
         if not _finished(results, optimizee, optimizer, seed)
     ]
     tuning = _tuning_jobs(results, tasks, {name: records[name] for name in optimizers})
-    plan = _estimate(jobs, tuning, tasks, preset, results)
+    plan = _estimate(jobs, tuning, tasks, preset, results, workers)
     print(format_plan(preset, optimizers, optimizees, results, plan, path))
     if dry_run or not (jobs or tuning):
         if not dry_run:
             write_outputs(results, path.parent)
         return results
 
-    _add_session(results, preset)
+    _add_session(results, preset, workers)
     _save(results, path)
     for optimizee, name in tuning:
         _tune(results, optimizee, name, tasks[optimizee], preset, progress)
         _save(results, path)
 
     started, estimated_done = time.perf_counter(), 0.0
-    for index, (optimizee, seed, name) in enumerate(jobs, 1):
-        lr = _learning_rate(results, optimizee, name)
-        run = _train(tasks[optimizee], optimizee, name, records[name], lr, seed, preset, progress)
+    arguments = [
+        (optimizee, name, records[name], _learning_rate(results, optimizee, name), seed)
+        for optimizee, seed, name in jobs
+    ]
+    finished = _run_in_workers(arguments, preset, tasks, workers, progress)
+    for index, (position, run) in enumerate(finished, 1):
         results["runs"].append(run)
         _save(results, path)
-        estimated_done += plan["runs"][index - 1]
-        print(_run_line(index, len(jobs), run, started, estimated_done, plan["train_s"]))
+        estimated_done += plan["runs"][position]
+        print(_run_line(index, len(jobs), run, started, estimated_done, sum(plan["runs"])))
     for artefact in write_outputs(results, path.parent):
         print(f"wrote {artefact}")
     return results
@@ -611,11 +621,12 @@ def _save(results, path):
     partial.replace(path)
 
 
-def _add_session(results, preset):
+def _add_session(results, preset, workers=1):
     results["sessions"].append(
         {
             "started": _now(),
             "preset": preset.name,
+            "workers": workers,
             "overrides": _overrides(preset),
             "git": git_commit(),
             "machine": machine_description(),
@@ -730,6 +741,52 @@ def _learning_rate(results, optimizee, name):
 # ---- one run -------------------------------------------------------------------------------
 
 
+def _run_in_workers(arguments, preset, tasks, workers, progress):
+    """Train each ``(optimizee, optimizer, record, lr, seed)``; yield ``(index, run)`` as done.
+
+    With one worker the runs go in order in this process. With more, each worker process loads
+    the datasets once and trains whole runs, so a run's numbers do not depend on the worker
+    count; only the machine's load during the timings does.
+    """
+    if workers <= 1:
+        for index, (optimizee, name, record, lr, seed) in enumerate(arguments):
+            yield index, _train(tasks[optimizee], optimizee, name, record, lr, seed, preset, progress)
+        return
+    # Spawned, not forked: a forked child of a process that already ran torch's thread pool
+    # can hang in it.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=_start_worker,
+        initargs=(preset, sorted(tasks), torch.get_num_threads()),
+    ) as pool:
+        futures = {pool.submit(_worker_train, *job): index for index, job in enumerate(arguments)}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                yield futures[future], future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+_WORKER_TASKS = {}
+_WORKER_PRESET = []
+
+
+def _start_worker(preset, optimizees, threads):
+    torch.set_num_threads(threads)
+    _WORKER_PRESET.append(preset)
+    scratch = {"optimizees": {}}
+    _WORKER_TASKS.update(_prepare_optimizees(optimizees, preset, scratch))
+
+
+def _worker_train(optimizee, name, record, lr, seed):
+    preset = _WORKER_PRESET[0]
+    return _train(_WORKER_TASKS[optimizee], optimizee, name, record, lr, seed, preset, False)
+
+
 def _train(tasks, optimizee, name, record, lr, seed, preset, progress):
     """Train one seed of one optimizer on one optimizee and return its run record."""
     test, _ = tasks
@@ -809,8 +866,12 @@ def _train(tasks, optimizee, name, record, lr, seed, preset, progress):
 # ---- the plan's time estimate --------------------------------------------------------------
 
 
-def _estimate(jobs, tuning, tasks, preset, results):
-    """Estimated seconds of each run and of the tuning, from passes timed on this machine."""
+def _estimate(jobs, tuning, tasks, preset, results, workers=1):
+    """Estimated seconds of each run and of the tuning, from passes timed on this machine.
+
+    ``train_s`` is the wall time of all runs spread over ``workers`` processes, assuming each has
+    a core of its own; ``runs`` are the runs' own times.
+    """
     if not jobs and not tuning:
         return {"runs": [], "train_s": 0.0, "tuning_s": 0.0, "tuning_count": 0}
     learned = {name for _, _, name in jobs if results["optimizers"][name]["kind"] == "learned"}
@@ -840,7 +901,12 @@ def _estimate(jobs, tuning, tasks, preset, results):
         * (preset.steps * (costs[o]["forward_backward_s"] + _OVERHEAD_S) + costs[o]["eval_s"])
         for o, name in tuning
     )
-    return {"runs": runs, "train_s": sum(runs), "tuning_s": tuning_s, "tuning_count": tuning_count}
+    return {
+        "runs": runs,
+        "train_s": sum(runs) / max(1, workers),
+        "tuning_s": tuning_s,
+        "tuning_count": tuning_count,
+    }
 
 
 def _calibrate(task, learned, batch_size):

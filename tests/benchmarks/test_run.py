@@ -93,6 +93,22 @@ def test_rerun_skips_finished_runs_and_adds_only_new_ones(tiny_run, capsys):
     assert extended["runs"][4]["gradient_evaluations_per_step"] == 4
 
 
+def test_runs_in_worker_processes_give_the_same_numbers(tiny_run, tmp_path):
+    _, serial = tiny_run
+    optimizers = ["sgd", "dm", "sam"]
+
+    parallel = run_benchmark(TINY, tmp_path, optimizers, ["mlp-relu"], progress=False, workers=2)
+
+    assert parallel["sessions"][-1]["workers"] == 2
+    by_optimizer = {run["optimizer"]: run for run in serial["runs"]}
+    assert sorted(run["optimizer"] for run in parallel["runs"]) == sorted(optimizers)
+    for run in parallel["runs"]:
+        expected = by_optimizer[run["optimizer"]]
+        for key in ("lr", "train_loss", "eval_accuracy", "eval_loss", "sharpness"):
+            assert run[key] == expected[key], (run["optimizer"], key)
+    assert (tmp_path / REPORT_FILE).exists()
+
+
 def test_other_settings_are_refused_before_any_work(tiny_run):
     out, _ = tiny_run
     with pytest.raises(SettingsMismatchError, match="steps: 5 there, 6 now"):
