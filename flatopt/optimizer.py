@@ -61,7 +61,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             ``owner/name[@revision]``. ``None`` (the default) is the recommended bundled release,
             whatever the working directory holds. An update-rule
             module (e.g. one being meta-trained) is also accepted and used as is, without a copy.
-        lr: Multiplier of the learned update.
+        lr: Multiplier of the learned update: a number, or a 0-dim tensor on the parameters'
+            device, read at every step (for CUDA graphs, which replay a tensor's current value).
         weight_decay: Decoupled weight decay coefficient.
         maximize: Maximise the objective instead of minimising it.
         nonfinite: ``"skip"`` or ``"raise"``: what a step does with a bad tensor (see above).
@@ -372,11 +373,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if not elsewhere:
             return
         for device, count in elsewhere.items():
-            self._pending_skips[device] = self._pending_skips.get(device, 0) + count
+            # Counted in place in one tensor per device, so that steps replayed from a CUDA graph
+            # keep counting; they are reported at the next report of a step run eagerly.
+            counter = self._pending_skips.get(device)
+            if counter is None:
+                counter = torch.zeros((), dtype=torch.int64, device=device)
+                self._pending_skips[device] = counter
+            counter.add_(count)
         self._steps_since_report += 1
-        if self._steps_since_report >= _REPORT_EVERY:
-            total = sum(int(c) for c in self._pending_skips.values())  # one synchronisation
-            self._pending_skips, self._steps_since_report = {}, 0
+        if self._steps_since_report >= _REPORT_EVERY and not _capturing():
+            total = 0
+            for counter in self._pending_skips.values():
+                total += int(counter)  # one synchronisation per device
+                counter.zero_()
+            self._steps_since_report = 0
             if total:
                 warnings.warn(
                     f"LearnedOptimizer: skipped {total} tensor updates in the last {_REPORT_EVERY} "
@@ -416,7 +426,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
             delta = delta.view_as(target).to(target.dtype)
             if weight_decay != 0:
                 target.mul_(torch.where(ok, 1 - lr * weight_decay, 1.0).to(target.dtype))
-            target.add_(delta, alpha=lr)
+            if isinstance(lr, torch.Tensor):
+                # A tensor lr is read on the device at every step (a CUDA graph replays its
+                # current value); alpha= would need a Python number.
+                target.add_(delta * lr.to(target.dtype))
+            else:
+                target.add_(delta, alpha=lr)
 
 
 @dataclass
@@ -453,6 +468,11 @@ def _check_hyperparameters(settings):
         raise ValueError(
             f"Invalid nonfinite policy {settings['nonfinite']!r}; choose one of {NONFINITE_POLICIES}"
         )
+
+
+def _capturing():
+    """Whether a CUDA graph is being captured on the current stream (no host reads allowed)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _all_finite(tensor):

@@ -70,3 +70,52 @@ def test_state_dict_moves_between_devices_keeping_float32_state():
     cuda_model(x).float().sum().backward()
     cuda_opt.step()  # resumes on the device it was loaded onto
     assert all(cuda_opt.state[q]["step"].item() == 3 for q in cuda_model.parameters())
+
+
+def test_step_can_be_captured_in_a_cuda_graph_with_a_tensor_lr():
+    eager_model, graph_model = make_model().cuda(), make_model().cuda()
+    eager_opt = flatopt.LearnedOptimizer(eager_model.parameters(), lr=0.5)
+    lr = torch.tensor(0.5, device="cuda")
+    graph_opt = flatopt.LearnedOptimizer(graph_model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(16, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator))
+        for _ in range(8)
+    ]
+    static_x, static_y = (t.cuda() for t in batches[0])
+
+    def graph_iteration():
+        graph_opt.zero_grad(set_to_none=False)
+        torch.nn.functional.cross_entropy(graph_model(static_x), static_y).backward()
+        graph_opt.step()
+
+    # Warm up on a side stream (creates the state and the workspace), as CUDA graphs require.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in batches[:3]:
+            static_x.copy_(x.cuda())
+            static_y.copy_(y.cuda())
+            graph_iteration()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_iteration()
+    for x, y in batches[3:]:
+        static_x.copy_(x.cuda())
+        static_y.copy_(y.cuda())
+        graph.replay()
+
+    for x, y in batches:
+        eager_opt.zero_grad()
+        torch.nn.functional.cross_entropy(eager_model(x.cuda()), y.cuda()).backward()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for a, b in zip(eager_model.parameters(), graph_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    lr.zero_()  # the replay reads the tensor's current value
+    before = [p.detach().clone() for p in graph_model.parameters()]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(before, graph_model.parameters()))

@@ -62,6 +62,22 @@ def test_lr_zero_leaves_parameters_unchanged_but_advances_state():
     assert opt.state[first]["lstm_state"].abs().sum() > 0
 
 
+def test_a_tensor_lr_steps_like_the_number_and_is_read_at_every_step():
+    number_model, tensor_model = make_model(), make_model()
+    lr = torch.tensor(0.5)
+    number_opt = flatopt.LearnedOptimizer(number_model.parameters(), lr=0.5, weight_decay=0.1)
+    train_steps(number_model, number_opt, 3)
+    opt = flatopt.LearnedOptimizer(tensor_model.parameters(), lr=lr, weight_decay=0.1)
+    train_steps(tensor_model, opt, 3)
+    for a, b in zip(number_model.parameters(), tensor_model.parameters()):
+        torch.testing.assert_close(a, b)
+
+    lr.zero_()  # changed in place, as a CUDA graph's captured lr would be
+    before = [p.detach().clone() for p in tensor_model.parameters()]
+    train_steps(tensor_model, opt, 1, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(before, tensor_model.parameters()))
+
+
 def test_parameters_without_gradients_are_skipped():
     model = make_model()
     frozen = model[0].weight
