@@ -38,7 +38,6 @@ import flatopt
 from flatopt import native_kernel
 from flatopt.fused_step import CPU_CHUNK
 from flatopt.update_rules import preprocess_gradient
-
 from training.optimizees import conv_mnist, mlp, test_task, train_and_evaluate
 
 from .run import machine_description
@@ -437,11 +436,13 @@ def render_speed_markdown(report):
             "",
             "## Meta-training",
             "",
-            f"One unrolled optimizee step of meta-training on the MNIST MLP (784-20-10, batch "
-            f"{BATCH_SIZE}), forward, update rule and its share of the meta-backward: "
-            f"{_milliseconds(report['meta_training_step_s'])} ms. Meta-training differentiates "
-            "through the update rule's `forward`, which the fused step does not replace, so this "
-            "time is unchanged by it.",
+            (
+                f"One unrolled optimizee step of meta-training on the MNIST MLP (784-20-10, batch "
+                f"{BATCH_SIZE}), forward, update rule and its share of the meta-backward: "
+                f"{_milliseconds(report['meta_training_step_s'])} ms. Meta-training "
+                "differentiates through the update rule's `forward`, which the fused step does "
+                "not replace, so this time is unchanged by it."
+            ),
         ]
     return "\n".join(lines) + "\n"
 

@@ -285,11 +285,11 @@ def flatness_verdicts(results, baseline="dm-cl"):
     optimizers = results["optimizers"]
     if baseline not in optimizers:
         return ""
-    lines = [
+    lead = (
         f"Against `{baseline}` (same recipe, no regularizer); a difference counts only where it "
-        "exceeds the larger standard deviation over seeds:",
-        "",
-    ]
+        "exceeds the larger standard deviation over seeds:"
+    )
+    lines = [lead, ""]
     for name, by_optimizee in optimizers.items():
         if name == "adam":
             continue

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from benchmarks.__main__ import main
 from benchmarks import speed
+from benchmarks.__main__ import main
 from benchmarks.speed import render_speed_markdown, step_costs
 
 STEPPERS = ["adam", "learned", "learned_bf16", "learned_torch"]

@@ -14,7 +14,6 @@ from training.evaluation import (
     render,
 )
 
-
 SMALL = dict(steps=(10, 20), seeds=2, adam_lrs=(1e-3, 1e-2), probes=2, progress=None)
 
 
@@ -45,7 +44,7 @@ def test_results_hold_every_step_seed_and_metric(results):
 
 def test_adam_learning_rate_is_the_best_on_validation(results):
     _, data = results
-    for optimizee, tuned in data["adam"].items():
+    for tuned in data["adam"].values():
         assert tuned["lr"] == float(max(tuned["grid"], key=tuned["grid"].get))
         assert len(tuned["grid"]) == len(data["settings"]["adam_grid"])
 
