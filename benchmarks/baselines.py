@@ -1,7 +1,8 @@
 """Flat-minima baselines that a learned optimizer is compared with, as ``torch.optim`` optimizers.
 
 - :class:`SAM`: sharpness-aware minimisation (Foret et al. 2021, "Sharpness-Aware Minimization for
-  Efficiently Improving Generalization"), and its adaptive variant ASAM (Kwon et al. 2021);
+  Efficiently Improving Generalization"), and its adaptive variant ASAM (Kwon et al. 2021), as
+  implemented by the ``pytorch-optimizer`` library;
 - :class:`EntropySGD`: Entropy-SGD (Chaudhari et al. 2017, "Entropy-SGD: Biasing Gradient Descent
   Into Wide Valleys"), SGD on the local entropy, estimated by an inner Langevin (SGLD) loop;
 - :class:`HessianTracePenaltySGD` and :func:`hessian_trace_penalty`: SGD on the loss plus a
@@ -30,8 +31,10 @@ optimizers move them more per step than SGD does (twice for SAM, ``inner_steps``
 Entropy-SGD), at perturbed parameters.
 """
 
+import functools
 import math
 
+import pytorch_optimizer
 import torch
 
 from training.flatness import hessian_trace
@@ -67,17 +70,19 @@ class _MultiGradientOptimizer(torch.optim.Optimizer):
 
 
 class SAM(_MultiGradientOptimizer):
-    """Sharpness-aware minimisation around any base optimizer (Foret et al. 2021).
+    """Sharpness-aware minimisation (Foret et al. 2021), from the ``pytorch-optimizer`` library.
 
     Each step evaluates the gradient ``g`` at the weights ``w``, moves to the ascent point
     ``w + e(w)`` with ``e(w) = rho * g / ||g||`` (the norm taken over all parameters together),
     evaluates the gradient there, moves back to ``w`` and lets the base optimizer step with that
-    second gradient. The adaptive variant (ASAM, Kwon et al. 2021) makes the neighbourhood scale
-    with the weights, ``e(w) = rho * |w|^2 * g / || |w| * g ||`` element-wise, so that rescaling
-    weights in a way that leaves the network's function unchanged leaves the sharpness unchanged.
+    second gradient. The adaptive variant (ASAM, Kwon et al. 2021) uses
+    ``e(w) = rho * |w|^2 * g / || |w| * g ||`` element-wise.
 
-    The two halves are also available as :meth:`ascent_step` and :meth:`descent_step`, for a loop
-    that computes its gradients itself (e.g. with gradient accumulation).
+    The perturbation and the base step are ``pytorch_optimizer.SAM``'s; this class gives it the
+    closure convention of the other baselines (one closure, called twice, that may or may not
+    call ``backward()``), returns the loss and counts gradient evaluations. The two halves are
+    also available as :meth:`ascent_step` and :meth:`descent_step`, for a loop that computes its
+    gradients itself (e.g. with gradient accumulation).
 
     Args:
         params: Parameters or parameter groups, as for any ``torch.optim`` optimizer; a group may
@@ -85,11 +90,8 @@ class SAM(_MultiGradientOptimizer):
         base_optimizer_cls: The optimizer that takes the actual step, e.g. ``torch.optim.SGD``;
             it is built on the same parameter groups, so learning-rate schedulers attached to
             this optimizer act on it.
-        rho: Radius of the neighbourhood; 0.05 is the value Foret et al. use most. The adaptive
-            variant's radius is relative to the weights and is usually set an order of magnitude
-            larger.
-        adaptive: Whether to use the adaptive (ASAM) neighbourhood. Unlike Kwon et al., no
-            constant is added to ``|w|``, so a weight at exactly zero is not perturbed.
+        rho: Radius of the neighbourhood; 0.05 is the value Foret et al. use most.
+        adaptive: Whether to use the adaptive (ASAM) neighbourhood.
         **base_kwargs: Passed to `base_optimizer_cls`, e.g. ``lr=0.1, momentum=0.9``.
 
     Raises:
@@ -100,11 +102,12 @@ class SAM(_MultiGradientOptimizer):
         if not (math.isfinite(rho) and rho >= 0):
             raise ValueError(f"Invalid rho: {rho}; the neighbourhood radius must be >= 0.")
         super().__init__(
-            params, {"rho": rho, "adaptive": adaptive}, base_optimizer_cls, base_kwargs
+            params,
+            {},
+            functools.partial(pytorch_optimizer.SAM, base_optimizer=base_optimizer_cls),
+            {"rho": rho, "adaptive": adaptive, **base_kwargs},
         )
-        # The weights w while the parameters sit at the ascent point, else None; kept apart from
-        # `state`, whose entries base optimizers such as Adam take as a sign of initialisation.
-        self._weights_before_ascent = None
+        self._at_ascent_point = False
 
     @property
     def gradient_evaluations_per_step(self):
@@ -131,7 +134,6 @@ class SAM(_MultiGradientOptimizer):
         self.descent_step()
         return loss
 
-    @torch.no_grad()
     def ascent_step(self):
         """Moves the parameters from ``w`` to the ascent point ``w + e(w)``, from their gradients.
 
@@ -140,32 +142,11 @@ class SAM(_MultiGradientOptimizer):
         Raises:
             RuntimeError: The parameters are at the ascent point already.
         """
-        if self._weights_before_ascent is not None:
+        if self._at_ascent_point:
             raise RuntimeError("ascent_step() was called twice; call descent_step() in between.")
-        self._weights_before_ascent = {}
+        self.base_optimizer.first_step()
+        self._at_ascent_point = True
 
-        # T_w g, with ASAM's T_w = |w| (element-wise) or plain SAM's identity.
-        scaled_gradients = {
-            p: p.abs() * p.grad if group["adaptive"] else p.grad
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        }
-        if not scaled_gradients:
-            return  # Nothing to perturb; descent_step() still steps the base optimizer.
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in scaled_gradients.values()))
-
-        for group in self.param_groups:
-            # The small constant only matters for a zero gradient, which then moves nothing.
-            factor = group["rho"] / (norm + 1e-12)
-            for p in group["params"]:
-                if p not in scaled_gradients:
-                    continue
-                self._weights_before_ascent[p] = p.detach().clone()
-                ascent = scaled_gradients[p] * factor
-                p.add_(p.abs() * ascent if group["adaptive"] else ascent)
-
-    @torch.no_grad()
     def descent_step(self):
         """Moves the parameters back to ``w`` and steps the base optimizer with their gradients.
 
@@ -174,14 +155,12 @@ class SAM(_MultiGradientOptimizer):
         Raises:
             RuntimeError: `ascent_step` was not called first.
         """
-        if self._weights_before_ascent is None:
+        if not self._at_ascent_point:
             raise RuntimeError(
                 "descent_step() must follow ascent_step(); call ascent_step() first."
             )
-        for p, weights in self._weights_before_ascent.items():
-            p.copy_(weights)
-        self._weights_before_ascent = None
-        self.base_optimizer.step()
+        self.base_optimizer.second_step()
+        self._at_ascent_point = False
 
 
 class EntropySGD(_MultiGradientOptimizer):
