@@ -1,7 +1,9 @@
 """Command line: ``python -m training {data,train} [options]``.
 
 ``data`` fetches and verifies the real datasets; ``train`` meta-trains an update rule (resuming from
-the output folder's checkpoint if there is one) and exports it as a release.
+the output folder's checkpoint if there is one) and exports it as a release. ``train`` and
+``lambda-search`` also run under ``torchrun``, one process per CPU share or GPU; process 0 writes
+every file and prints.
 """
 
 import argparse
@@ -13,6 +15,7 @@ import sys
 
 import torch
 
+from . import distributed
 from .data import load_dataset
 from .evaluation import evaluate_releases, render
 from .hub import push_command
@@ -69,6 +72,12 @@ def _run(parser, argv):
     search.add_argument("--lambdas", type=float, nargs="+", required=True)
     search.add_argument("--out", required=True, help="folder for the runs and lambda_search.json")
     search.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    for command in (train, search):
+        command.add_argument(
+            "--device",
+            default="cpu",
+            help="cpu or cuda; under torchrun, cuda is each process's GPU of LOCAL_RANK (default: cpu)",
+        )
 
     plot = commands.add_parser("plot", help="plot meta-training logs into one PNG")
     plot.add_argument("logs", nargs="+", help="log.jsonl files of the runs to compare")
@@ -148,8 +157,17 @@ def _run(parser, argv):
     recipe = Recipe(**overrides)
     dataset = load_dataset("mnist")
 
+    try:
+        _train(args, argv, recipe, dataset)
+    finally:
+        distributed.leave()
+
+
+def _train(args, argv, recipe, dataset):
     if args.command == "lambda-search":
-        results = lambda_search(recipe, dataset, args.lambdas, args.out)
+        results = lambda_search(recipe, dataset, args.lambdas, args.out, device=args.device)
+        if results is None:
+            return  # another process prints the table
         print(f"\n{'lambda':>10}  {'grad ratio':>10}  {'regularizer':>11}  validation loss")
         for r in results:
             ratio = "n/a" if r["grad_ratio"] is None else f"{r['grad_ratio']:.3g}"
@@ -160,8 +178,12 @@ def _run(parser, argv):
         print(f"wrote {args.out}/lambda_search.json")
         return
 
-    trainer = MetaTrainer(recipe, dataset, args.out or f"runs/{args.name}", commit=git_commit())
+    trainer = MetaTrainer(
+        recipe, dataset, args.out or f"runs/{args.name}", commit=git_commit(), device=args.device
+    )
     best = trainer.run()
+    if not trainer.processes.is_main:
+        return  # process 0 evaluates and exports the release
     print(f"best validation: {best}")
 
     rule = trainer.best_update_rule()

@@ -8,6 +8,11 @@ meta-gradient flows through the parameter updates and the recurrent state.
 
 The trainer writes a checkpoint after every epoch (atomically) and resumes from it exactly, logs one
 JSON line per epoch and validation, and keeps the update rule with the best validation score.
+
+An epoch may train several optimizees side by side (``tasks_per_step``), each meta-update averaging
+their meta-gradients. Launched by ``torchrun``, the same trainer splits those optimizees and the
+validation seeds across the processes (see :mod:`training.distributed`); the combined meta-gradient
+and scores do not depend on the number of processes, so a run can resume under another one.
 """
 
 import dataclasses
@@ -22,7 +27,7 @@ import torch
 
 import flatopt
 
-from . import flatness
+from . import distributed, flatness
 from .optimizees import ACTIVATIONS, holdout_task, mlp, train_and_evaluate
 
 
@@ -44,6 +49,10 @@ class Recipe:
         meta_epochs: Epochs of meta-training on the unrolled optimizee loss.
         meta_unrolls: Unrolls per meta-training epoch (a fresh optimizee each epoch).
         meta_activation: Optimizee activation during meta-training.
+        tasks_per_step: Optimizees trained side by side in every epoch, each from its own seed
+            (initial weights and minibatches); every meta-update averages their meta-gradients.
+            Under several processes this set is split across them, so it must be at least the
+            number of processes.
         imitation_meta_lr: Adam learning rate on the update rule during imitation.
         meta_lr: Adam learning rate on the update rule during meta-training.
         max_grad_norm: Clip of the meta-gradient norm.
@@ -85,6 +94,7 @@ class Recipe:
     meta_epochs: int = 50
     meta_unrolls: int = 5
     meta_activation: str = "sigmoid"
+    tasks_per_step: int = 1
     imitation_meta_lr: float = 3e-3
     meta_lr: float = 1e-4
     max_grad_norm: float = 1.0
@@ -113,6 +123,7 @@ class Recipe:
             "unroll_length",
             "imitation_unrolls",
             "meta_unrolls",
+            "tasks_per_step",
             "validate_every",
             "validation_steps",
             "validation_seeds",
@@ -308,21 +319,42 @@ def meta_unroll(update_rule, task, params, rule_state, generator, steps, regular
     return total / steps, regularization, final, rule_state.detach()
 
 
-def validate(update_rule, task, steps, seeds):
+def validate(update_rule, task, steps, seeds, processes=None):
     """Score an update rule by training fresh optimizees with it on held-out data.
+
+    Args:
+        update_rule: The update rule to score.
+        task: The optimizee, scored on its held-out images.
+        steps: Optimizee steps of each run.
+        seeds: One run per seed.
+        processes: The :class:`training.distributed.Processes` sharing the runs (each trains its
+            share of the seeds); ``None`` for a single process.
 
     Returns:
         Dict with the mean final held-out ``loss`` and ``accuracy`` over ``seeds`` (lower loss
-        is better; a diverged run scores ``inf``).
+        is better; a diverged run scores ``inf``), the same on every process.
     """
-    losses, accuracies = [], []
-    for seed in seeds:
+    processes = processes or distributed.Processes()
+    # One slot per seed, filled by the process that ran it and zero elsewhere: once summed over
+    # the processes, every process averages all the seeds in seed order, as one process would.
+    results = torch.zeros(2, len(seeds), dtype=torch.float64)
+    for index in processes.share(len(seeds)):
         curves = train_and_evaluate(
-            task, lambda p: flatopt.LearnedOptimizer(p, update_rule), steps, seed
+            task, lambda p: flatopt.LearnedOptimizer(p, update_rule), steps, seeds[index]
         )
-        losses.append(math.inf if curves["diverged"] else curves["eval_loss"][-1])
-        accuracies.append(curves["eval_accuracy"][-1])
+        results[0, index] = math.inf if curves["diverged"] else curves["eval_loss"][-1]
+        results[1, index] = curves["eval_accuracy"][-1]
+    losses, accuracies = processes.sum(results).tolist()
     return {"loss": sum(losses) / len(losses), "accuracy": sum(accuracies) / len(accuracies)}
+
+
+def optimizee_seed(seed, epoch, index):
+    """Seed of an epoch's ``index``-th optimizee: its initial weights and its minibatches.
+
+    Optimizee 0 takes the epoch's own seed; the others are offset by multiples of 2**32, which
+    keeps them clear of every epoch's seed for run seeds below 4,000.
+    """
+    return seed * 1_000_003 + epoch + index * 2**32
 
 
 class MetaTrainer:
@@ -339,9 +371,26 @@ class MetaTrainer:
             in place of the recipe's MNIST MLPs: your own model factory and data, trained on the
             task's training images and validated on its held-out ones. It is called with the
             activation the recipe names for the epoch and may ignore it.
+        device: Where to train: ``"cpu"``, or ``"cuda"`` (each process's own GPU under torchrun).
+
+    Under torchrun every process builds the trainer alike; it joins the process group (see
+    :func:`training.distributed.join`), trains its share of each epoch's optimizees and of the
+    validation seeds, and only process 0 writes the checkpoint and the log, and prints.
+
+    Raises:
+        ValueError: If the recipe has fewer ``tasks_per_step`` than there are processes.
     """
 
-    def __init__(self, recipe, dataset, out_dir, progress=True, commit="unknown", make_task=None):
+    def __init__(
+        self,
+        recipe,
+        dataset,
+        out_dir,
+        progress=True,
+        commit="unknown",
+        make_task=None,
+        device="cpu",
+    ):
         self.recipe = recipe
         self.dataset = dataset
         self.make_task = make_task or (
@@ -349,10 +398,18 @@ class MetaTrainer:
         )
         self.out_dir = pathlib.Path(out_dir)
         self.progress = progress
+        self.device = distributed.local_device(device)
+        self.processes = distributed.join(self.device)
+        if recipe.tasks_per_step < self.processes.world_size:
+            raise ValueError(
+                f"tasks_per_step is {recipe.tasks_per_step} but {self.processes.world_size} "
+                "processes were launched, so some would have no optimizee to train; set "
+                f"--tasks-per-step to at least {self.processes.world_size} or launch fewer"
+            )
         torch.manual_seed(recipe.seed)
         self.update_rule = flatopt.LSTMUpdateRule(
             recipe.hidden_size, recipe.preprocess_p, recipe.output_scale
-        )
+        ).to(self.device)
         self.meta_optimizer = torch.optim.Adam(
             self.update_rule.parameters(), lr=recipe.imitation_meta_lr
         )
@@ -366,7 +423,7 @@ class MetaTrainer:
         # Bytes of log.jsonl that the state resumed from covers: none for a fresh run, None where
         # a checkpoint does not record it.
         self.log_size = 0
-        self.validation_task = self.make_task(recipe.meta_activation)
+        self.validation_task = self._on_device(self.make_task(recipe.meta_activation))
         if recipe.init_weights:
             self.update_rule.load_state_dict(
                 flatopt.load_release(recipe.init_weights)[0].state_dict()
@@ -385,10 +442,12 @@ class MetaTrainer:
         Returns:
             The best validation record ``{"loss", "accuracy", "epoch"}``.
         """
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if (self.out_dir / "checkpoint.pt").exists():
-            self.load_checkpoint(self.out_dir / "checkpoint.pt")
-        self._drop_unsaved_log_records()
+        main = self.processes.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._resume()
+        if main:
+            self._drop_unsaved_log_records()
         while not self.finished and self.epoch < min(self.total_epochs, until or self.total_epochs):
             started = time.perf_counter()
             if self.recipe.curriculum and self.epoch >= self.recipe.imitation_epochs:
@@ -403,14 +462,22 @@ class MetaTrainer:
                         record["validation"] = self._validate_stage()
             elif self.epoch >= self.recipe.imitation_epochs and self._validation_due():
                 record["validation"] = self.validate_and_keep_best()
+            if "validation" in record:
+                self._follow_main_decisions()
             self.elapsed += time.perf_counter() - started
             record["elapsed_s"] = round(self.elapsed, 1)
             self._log(record)
-            self.save_checkpoint(self.out_dir / "checkpoint.pt")
+            if main:
+                self.save_checkpoint(self.out_dir / "checkpoint.pt")
         return self.best
 
     def train_epoch(self, epoch):
-        """One epoch on a fresh optimizee: imitation or meta-training by the recipe's schedule."""
+        """One epoch on fresh optimizees: imitation or meta-training by the recipe's schedule.
+
+        The epoch's ``tasks_per_step`` optimizees are unrolled side by side; each meta-update
+        averages their meta-gradients. Under several processes each unrolls its share, and the
+        update is the same on every process and the same as a single process's.
+        """
         recipe = self.recipe
         warm_start = epoch < recipe.imitation_epochs
         # A separate generator, so that the coin does not shift the epoch's minibatches.
@@ -425,53 +492,26 @@ class MetaTrainer:
         lr = recipe.imitation_meta_lr if warm_start else recipe.meta_lr
         for group in self.meta_optimizer.param_groups:
             group["lr"] = lr
-        task = self.make_task(activation)
-        # Every epoch draws its own optimizee and minibatches from (seed, epoch): resumable exactly.
-        generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + epoch)
-        params = task.init_params(seed=recipe.seed * 1_000_003 + epoch)
-        size = sum(p.numel() for p in params.values())
-        rule_state = self.update_rule.initial_state(size)
-        teacher = {"m": torch.zeros(size), "v": torch.zeros(size), "t": 0}
+        task = self._on_device(self.make_task(activation))
+        optimizees = [
+            self._new_optimizee(task, epoch, index)
+            for index in self.processes.share(recipe.tasks_per_step)
+        ]
 
         regularizer = None if imitation else recipe.flatness_regularizer()
         losses, grad_norms, reg_values, reg_ratios = [], [], [], []
         for _ in range(recipe.imitation_unrolls if imitation else self.meta_unrolls()):
-            if imitation:
-                loss, rule_state = imitation_unroll(
-                    self.update_rule,
-                    task,
-                    params,
-                    teacher,
-                    rule_state,
-                    generator,
-                    recipe.unroll_length,
-                    recipe.teacher_lr,
-                )
-                regularization = None
-            else:
-                loss, regularization, params, rule_state = meta_unroll(
-                    self.update_rule,
-                    task,
-                    params,
-                    rule_state,
-                    generator,
-                    recipe.unroll_length,
-                    regularizer,
-                )
-            self.meta_optimizer.zero_grad(set_to_none=True)
-            if regularization is None:
-                loss.backward()
-            else:
-                ratio = self._backward_with_regularizer(loss, recipe.reg_lambda * regularization)
-                reg_values.append(regularization.item())
-                reg_ratios.append(ratio)
+            values, ratio = self._meta_step(task, optimizees, imitation, regularizer)
             grad_norms.append(
                 torch.nn.utils.clip_grad_norm_(
                     self.update_rule.parameters(), recipe.max_grad_norm
                 ).item()
             )
             self.meta_optimizer.step()
-            losses.append(loss.item())
+            losses.append(values[0])
+            if regularizer is not None:
+                reg_values.append(values[1])
+                reg_ratios.append(ratio)
         record = {
             "epoch": epoch,
             "phase": "imitation" if imitation else "meta",
@@ -486,30 +526,117 @@ class MetaTrainer:
             record["regularizer_grad_ratio"] = sum(reg_ratios) / len(reg_ratios)
         return record
 
+    def _new_optimizee(self, task, epoch, index):
+        # Every optimizee draws its weights and minibatches from (seed, epoch, index), whichever
+        # process trains it: resumable exactly, under any number of processes.
+        seed = optimizee_seed(self.recipe.seed, epoch, index)
+        params = task.init_params(seed=seed)
+        size = sum(p.numel() for p in params.values())
+        return _Optimizee(
+            index=index,
+            params=params,
+            rule_state=self.update_rule.initial_state(size, device=self.device),
+            teacher={
+                "m": torch.zeros(size, device=self.device),
+                "v": torch.zeros(size, device=self.device),
+                "t": 0,
+            },
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def _meta_step(self, task, optimizees, imitation, regularizer):
+        """Unroll this process's optimizees once and set the meta-gradient over all of them.
+
+        Returns:
+            ``(values, ratio)``: the mean meta-loss and mean flatness measure over all the
+            optimizees, and the norm of the regularizer's meta-gradient relative to the loss's
+            (``None`` without a regularizer).
+        """
+        recipe = self.recipe
+        weights = list(self.update_rule.parameters())
+        size = sum(w.numel() for w in weights)
+        count = recipe.tasks_per_step
+        # One row per optimizee (its loss's meta-gradient, and its regularizer's apart), filled by
+        # the process that unrolled it and zero elsewhere. Summed over the processes every row
+        # arrives intact, and the rows are then added up in optimizee order on every process: the
+        # meta-gradient is bit for bit the same whatever the number of processes, which is what
+        # lets a run resume under another number of them and still end where it would have.
+        rows = torch.zeros(count, 1 if regularizer is None else 2, size, device=self.device)
+        values = torch.zeros(count, 2, dtype=torch.float64)  # meta-loss, flatness measure
+        for optimizee in optimizees:
+            loss, regularization = self._unroll(task, optimizee, imitation, regularizer)
+            grads = torch.autograd.grad(
+                loss, weights, retain_graph=regularization is not None, allow_unused=True
+            )
+            rows[optimizee.index, 0] = _flatten(grads, weights)
+            values[optimizee.index, 0] = loss.item()
+            if regularization is not None:
+                penalty = recipe.reg_lambda * regularization
+                grads = torch.autograd.grad(penalty, weights, allow_unused=True)
+                rows[optimizee.index, 1] = _flatten(grads, weights)
+                values[optimizee.index, 1] = regularization.item()
+        self.processes.sum(rows)
+        self.processes.sum(values)
+
+        totals = rows.sum(dim=0)
+        loss_grads = _unflatten(totals[0], weights)
+        meta_grad = totals.sum(dim=0) if regularizer is not None else totals[0]
+        for weight, grad in zip(weights, _unflatten(meta_grad / count, weights)):
+            weight.grad = grad
+        means = (values.sum(dim=0) / count).tolist()
+        if regularizer is None:
+            return means, None
+        # The two parts' norms are logged apart: a lambda whose ratio is negligible trains nothing.
+        penalty_grads = _unflatten(totals[1], weights)
+        loss_norm = torch.sqrt(sum(g.pow(2).sum() for g in loss_grads))
+        penalty_norm = torch.sqrt(sum(g.pow(2).sum() for g in penalty_grads))
+        return means, (penalty_norm / loss_norm.clamp_min(1e-30)).item()
+
+    def _unroll(self, task, optimizee, imitation, regularizer):
+        """One truncated unroll of an optimizee; returns ``(meta-loss, flatness measure or None)``."""
+        recipe = self.recipe
+        if imitation:
+            loss, optimizee.rule_state = imitation_unroll(
+                self.update_rule,
+                task,
+                optimizee.params,
+                optimizee.teacher,
+                optimizee.rule_state,
+                optimizee.generator,
+                recipe.unroll_length,
+                recipe.teacher_lr,
+            )
+            return loss, None
+        loss, regularization, optimizee.params, optimizee.rule_state = meta_unroll(
+            self.update_rule,
+            task,
+            optimizee.params,
+            optimizee.rule_state,
+            optimizee.generator,
+            recipe.unroll_length,
+            regularizer,
+        )
+        return loss, regularization
+
+    def _on_device(self, task):
+        """``task`` with its data and models on the trainer's device (as it is on the CPU)."""
+        if self.device.type == "cpu":
+            return task
+        device = self.device
+        return dataclasses.replace(
+            task,
+            make_model=lambda: task.make_model().to(device),
+            train_images=task.train_images.to(device),
+            train_labels=task.train_labels.to(device),
+            eval_images=task.eval_images.to(device),
+            eval_labels=task.eval_labels.to(device),
+        )
+
     def imitation_probability(self):
         """Chance that a meta-training epoch of the current stage imitates the teacher instead."""
         if self.recipe.stage_imitation_probabilities:
             return self.recipe.stage_imitation_probabilities[self.stage["index"]]
         return self.recipe.imitation_probability
-
-    def _backward_with_regularizer(self, loss, penalty):
-        """Set the meta-gradient of ``loss + penalty``; return ``|grad penalty| / |grad loss|``.
-
-        The two parts are differentiated separately so that the regularizer's share of the
-        meta-gradient can be logged: a lambda whose ratio is negligible does not train anything.
-        """
-        weights = list(self.update_rule.parameters())
-        loss_grads = torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
-        penalty_grads = torch.autograd.grad(penalty, weights, allow_unused=True)
-        for weight, a, b in zip(weights, loss_grads, penalty_grads):
-            weight.grad = _zero_if_none(a, weight) + _zero_if_none(b, weight)
-        loss_norm = torch.sqrt(
-            sum(_zero_if_none(g, w).pow(2).sum() for g, w in zip(loss_grads, weights))
-        )
-        penalty_norm = torch.sqrt(
-            sum(_zero_if_none(g, w).pow(2).sum() for g, w in zip(penalty_grads, weights))
-        )
-        return (penalty_norm / loss_norm.clamp_min(1e-30)).item()
 
     def validate_and_keep_best(self):
         """Validate the current update rule; keep its weights if they are the best so far."""
@@ -534,7 +661,18 @@ class MetaTrainer:
 
     def _score(self):
         seeds = [10_000 + s for s in range(self.recipe.validation_seeds)]
-        return validate(self.update_rule, self.validation_task, self.validation_steps(), seeds)
+        return validate(
+            self.update_rule, self.validation_task, self.validation_steps(), seeds, self.processes
+        )
+
+    def _follow_main_decisions(self):
+        # Every process scores the same validation, so they should decide alike; process 0's
+        # decisions (best so far, stage advanced or ended, stop) are nevertheless made the only
+        # ones, so that no rounding quirk can ever send the processes down different paths.
+        state = self.processes.broadcast(
+            {"best": self.best, "stage": self.stage, "finished": self.finished}
+        )
+        self.best, self.stage, self.finished = state["best"], state["stage"], state["finished"]
 
     def _start_stage(self):
         # The stage's baseline: the weights it starts from, scored at its own validation horizon.
@@ -622,7 +760,20 @@ class MetaTrainer:
         Raises:
             ValueError: If the checkpoint was written for a different recipe.
         """
-        payload = torch.load(path, weights_only=True)
+        self._restore(torch.load(path, weights_only=True, map_location="cpu"), path)
+
+    def _resume(self):
+        # Process 0 alone reads the checkpoint, since the others may run on machines that cannot
+        # see its folder, and hands it to them: every process resumes from the same state.
+        path = self.out_dir / "checkpoint.pt"
+        payload = None
+        if self.processes.is_main and path.exists():
+            payload = torch.load(path, weights_only=True, map_location="cpu")
+        payload = self.processes.broadcast(payload)
+        if payload is not None:
+            self._restore(payload, path)
+
+    def _restore(self, payload, path):
         # Settings added to the recipe after the checkpoint was written count as their defaults.
         saved = {**asdict(Recipe()), **payload["recipe"]}
         if saved != asdict(self.recipe):
@@ -657,6 +808,8 @@ class MetaTrainer:
             os.truncate(log, self.log_size)
 
     def _log(self, record):
+        if not self.processes.is_main:
+            return
         with open(self._log_path(), "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\n")
         if not self.progress:
@@ -679,7 +832,7 @@ class MetaTrainer:
         print(line + f"  [{record['elapsed_s']:.0f}s]", flush=True)
 
 
-def lambda_search(recipe, dataset, lambdas, out_dir, progress=True):
+def lambda_search(recipe, dataset, lambdas, out_dir, progress=True, device="cpu"):
     """Meta-train ``recipe`` once per regularizer weight, from the same start, and compare.
 
     For each lambda the run logs the regularizer's share of the meta-gradient (the ratio of the
@@ -692,20 +845,29 @@ def lambda_search(recipe, dataset, lambdas, out_dir, progress=True):
         lambdas: Regularizer weights to try.
         out_dir: Folder for one run folder per lambda and ``lambda_search.json``.
         progress: Whether the runs print their epochs.
+        device: Where to train (see :class:`MetaTrainer`).
 
     Returns:
-        A list of ``{"lambda", "grad_ratio", "regularizer_value", "best_validation"}`` records.
+        A list of ``{"lambda", "grad_ratio", "regularizer_value", "best_validation"}`` records;
+        ``None`` on every process but process 0 under torchrun.
     """
     if recipe.flatness_regularizer() is None:
         raise ValueError("lambda_search needs a recipe with a regularizer")
     out_dir = pathlib.Path(out_dir)
-    results = []
+    results, main = [], True
     for weight in lambdas:
         run_dir = out_dir / f"lambda-{weight:g}"
         trainer = MetaTrainer(
-            dataclasses.replace(recipe, reg_lambda=weight), dataset, run_dir, progress
+            dataclasses.replace(recipe, reg_lambda=weight),
+            dataset,
+            run_dir,
+            progress,
+            device=device,
         )
         best = trainer.run()
+        main = trainer.processes.is_main
+        if not main:
+            continue  # process 0 reads the logs and writes the summary
         records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
         ratios = [r["regularizer_grad_ratio"] for r in records if "regularizer_grad_ratio" in r]
         values = [r["regularizer_value"] for r in records if "regularizer_value" in r]
@@ -717,11 +879,24 @@ def lambda_search(recipe, dataset, lambdas, out_dir, progress=True):
                 "best_validation": best,
             }
         )
+    if not main:
+        return None
     summary = {"recipe": asdict(recipe), "results": results}
     (out_dir / "lambda_search.json").write_text(
         json.dumps(summary, indent=1) + "\n", encoding="utf-8"
     )
     return results
+
+
+@dataclass
+class _Optimizee:
+    """One optimizee of an epoch, carried from unroll to unroll."""
+
+    index: int
+    params: dict
+    rule_state: torch.Tensor
+    teacher: dict
+    generator: torch.Generator
 
 
 def _new_stage(index):
@@ -730,6 +905,14 @@ def _new_stage(index):
 
 def _zero_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad
+
+
+def _flatten(grads, weights):
+    return torch.cat([_zero_if_none(g, w).reshape(-1) for g, w in zip(grads, weights)])
+
+
+def _unflatten(flat, weights):
+    return [part.view_as(w) for part, w in zip(flat.split([w.numel() for w in weights]), weights)]
 
 
 def _add_flat_(params, flat):

@@ -15,6 +15,7 @@ Each file holds ``{weights: {"losses": [float per step], "params": {name: full t
 """
 
 import datetime
+import gc
 import io
 import os
 import sys
@@ -151,6 +152,11 @@ def _worker(rank, mode, out_dir, all_weights):
     )
     try:
         results = {weights: train(mode, weights, rank) for weights in all_weights}
+        # Note: ZeroRedundancyOptimizer's broadcasts can leave gloo work objects holding tensors
+        # until they are collected; freed during interpreter shutdown they abort the process
+        # (a torch issue, not the optimizer's). Collect them while the group is still up.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

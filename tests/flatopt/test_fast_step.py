@@ -108,7 +108,9 @@ def test_torch_chunking_does_not_change_the_result(rule, chunk):
                 split(grad, SIZES), split(new_state, SIZES), split(update, SIZES), chunk=size
             )
         results.append((update, new_state))
-    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+    # BLAS blocks a 3-row product differently from a million-row one, so the sums may round
+    # differently: a few float32 ulps, the tolerance of the float64 comparisons above.
+    torch.testing.assert_close(results[0], results[1], rtol=RTOL, atol=ATOL)
 
 
 def test_state_and_update_are_written_where_they_lie(implementation, rule):

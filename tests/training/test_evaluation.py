@@ -89,6 +89,7 @@ def test_render_refuses_a_readme_without_markers(results, tmp_path):
 
 def _fake_results(accuracies):
     """Results with given (mean, std) test accuracies per optimizer at steps 1000 and 3000."""
+
     def entry(pair, trace):
         stats = {"test_accuracy": pair, "train_loss": [0.1, 0.0], "hessian_trace": [trace, 0.0]}
         return {"summary": {"1000": stats, "3000": stats}}
@@ -102,13 +103,15 @@ def _fake_results(accuracies):
 
 
 def test_flatness_verdicts_count_only_differences_beyond_the_spread():
-    results = _fake_results({
-        "adam": ([0.95, 0.002], 10.0),
-        "dm-cl": ([0.93, 0.005], 20.0),
-        "better": ([0.94, 0.002], 10.0),
-        "noisy": ([0.94, 0.02], 20.0),
-        "worse": ([0.90, 0.001], 40.0),
-    })
+    results = _fake_results(
+        {
+            "adam": ([0.95, 0.002], 10.0),
+            "dm-cl": ([0.93, 0.005], 20.0),
+            "better": ([0.94, 0.002], 10.0),
+            "noisy": ([0.94, 0.02], 20.0),
+            "worse": ([0.90, 0.001], 40.0),
+        }
+    )
 
     text = flatness_verdicts(results)
 
