@@ -750,7 +750,10 @@ def _run_in_workers(arguments, preset, tasks, workers, progress):
     """
     if workers <= 1:
         for index, (optimizee, name, record, lr, seed) in enumerate(arguments):
-            yield index, _train(tasks[optimizee], optimizee, name, record, lr, seed, preset, progress)
+            yield (
+                index,
+                _train(tasks[optimizee], optimizee, name, record, lr, seed, preset, progress),
+            )
         return
     # Spawned, not forked: a forked child of a process that already ran torch's thread pool
     # can hang in it.
