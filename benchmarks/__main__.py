@@ -184,7 +184,7 @@ def _run(parser, argv):
                 dataset, args.accuracy_steps, args.accuracy_seeds
             )
         if args.meta:
-            report["meta_training_step_s"] = meta_training_step_time(dataset)
+            report["meta_training_step"] = meta_training_step_time(dataset)
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         markdown = render_speed_markdown(report)

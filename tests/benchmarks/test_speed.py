@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 
+import flatopt
 from benchmarks import speed
 from benchmarks.__main__ import main
 from benchmarks.speed import render_speed_markdown, step_costs
@@ -154,7 +156,9 @@ def test_speed_command_writes_json_and_markdown(mnist, tmp_path, capsys):
     rows = saved["state_dtype_accuracy"]
     assert [r["optimizee"] for r in rows] == ["mlp-relu", "conv-mnist"]
     assert all(len(r["float32"]) == len(r["bfloat16"]) == 2 for r in rows)
-    assert saved["meta_training_step_s"] > 0
+    meta = saved["meta_training_step"]
+    assert meta["rule_forward_s"] > 0 and meta["framework_cells_s"] > 0
+    assert "| one product per cell (flatopt) |" in (tmp_path / "speed.md").read_text()
     out = capsys.readouterr().out
     assert "## Step time (ms)" in out and "## bfloat16 recurrent state" in out
 
@@ -173,3 +177,14 @@ def test_state_dtype_table_reports_the_difference_in_points():
     }
     lines = speed._dtype_table(report["state_dtype_accuracy"])
     assert lines[-1] == "| mlp-relu | 1000 | 2 | 94.00% ± 1.41 | 93.00% ± 1.41 | -1.00 |"
+
+
+def test_framework_cells_rule_computes_the_same_updates():
+    rule = flatopt.load_release(flatopt.DEFAULT_WEIGHTS)[0]
+    cells = speed._FrameworkCellsRule(rule)
+    generator = torch.Generator().manual_seed(0)
+    grad = torch.randn(300, generator=generator) * 1e-2
+    state = torch.randn(300, rule.state_size, generator=generator) * 0.1
+    with torch.no_grad():
+        expected, cells_result = rule(grad, state), cells(grad, state)
+    torch.testing.assert_close(cells_result, expected, rtol=1e-5, atol=1e-6)
