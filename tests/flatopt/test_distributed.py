@@ -10,9 +10,7 @@ and also with the bundled ``dm`` release where the installed package has it, to 
 falls.
 """
 
-import os
 import pathlib
-import signal
 import subprocess
 import sys
 
@@ -20,6 +18,7 @@ import pytest
 import torch
 
 import flatopt
+from tests.launch import run_job
 
 JOB = pathlib.Path(__file__).with_name("distributed_job.py")
 MODES = ["ddp", "fsdp2", "zero"]
@@ -135,20 +134,4 @@ def test_gradient_placed_unlike_its_parameter_is_refused(tmp_path):
 
 
 def _run_job(mode, out_dir, weights):
-    # A session of its own lets a hung job be killed together with the ranks it spawned.
-    process = subprocess.Popen(
-        [sys.executable, str(JOB), mode, str(out_dir), *weights],
-        cwd=out_dir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=JOB_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"the {mode} job ran past {JOB_TIMEOUT_S} s and was killed:\n{output[-4000:]}")
-    if process.returncode != 0:
-        pytest.fail(f"the {mode} job failed with exit code {process.returncode}:\n{output[-4000:]}")
+    run_job([sys.executable, str(JOB), mode, str(out_dir), *weights], out_dir, JOB_TIMEOUT_S, mode)

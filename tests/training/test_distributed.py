@@ -9,8 +9,6 @@ arithmetic is the same everywhere and the comparisons can be exact.
 import json
 import os
 import pathlib
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 if __name__ == "__main__":  # run by torchrun as a job: the checkout is appended, as in conftest
     sys.path.append(str(ROOT))
 
+from tests.launch import run_job  # noqa: E402
 from training.meta import MetaTrainer, Recipe  # noqa: E402
 
 # Three optimizees per meta-step over two processes: process 0 unrolls optimizees 0 and 2,
@@ -84,24 +83,7 @@ def torchrun(arguments, cwd):
     if sys.platform == "linux":
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    # A session of its own lets a hung launch be killed together with the processes it started.
-    process = subprocess.Popen(
-        [*command, "2", *arguments],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"the launch ran past {TIMEOUT_S} s and was killed:\n{output[-4000:]}")
-    assert process.returncode == 0, f"the launch failed:\n{output[-4000:]}"
-    return output
+    return run_job([*command, "2", *arguments], cwd, TIMEOUT_S, "the launch", env)
 
 
 def log_records(run_dir):
