@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 COMMON=(--init-weights dm --imitation-epochs 0 --curriculum 100 200 500
         --stage-imitation-probabilities 0.2 0.1 0.1 --meta-epochs 30 --validate-every 2
-        --stage-patience 3 --threads 1)
+        --stage-patience 3 --step-scales 1 0.7 0.5 0.35 0.25 --threads 1)
 
 declare -A EXTRA=(
   [dm-cl]=""

@@ -1,9 +1,10 @@
-"""Command line: ``python -m training {data,train} [options]``.
+"""Command line: ``python -m training COMMAND [options]`` (``--help`` lists the commands).
 
 ``data`` fetches and verifies the real datasets; ``train`` meta-trains an update rule (resuming from
-the output folder's checkpoint if there is one) and exports it as a release. ``train`` and
-``lambda-search`` also run under ``torchrun``, one process per CPU share or GPU; process 0 writes
-every file and prints.
+the output folder's checkpoint if there is one) and exports it as a release; ``calibrate`` chooses
+an exported release's step scale afterwards, as ``train --step-scales`` does at a run's end.
+``train`` and ``lambda-search`` also run under ``torchrun``, one process per CPU share or GPU;
+process 0 writes every file and prints.
 """
 
 import argparse
@@ -21,7 +22,7 @@ from .evaluation import evaluate_releases, render
 from .hub import push_command
 from .meta import MetaTrainer, Recipe, lambda_search
 from .plots import plot_log
-from .release import describe, evaluate_release, export_release, git_commit
+from .release import calibrate_release, describe, evaluate_release, export_release, git_commit
 
 
 def positive_int(text):
@@ -79,6 +80,25 @@ def _run(parser, argv):
             help="cpu or cuda; under torchrun, cuda is each process's GPU of LOCAL_RANK (default: cpu)",
         )
 
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="choose an exported release's step scale on its meta-training optimizee's held-out "
+        "images, as train --step-scales does at the end of a run",
+    )
+    calibrate.add_argument("release", help="release folder, or name in flatopt/pretrained")
+    calibrate.add_argument(
+        "--step-scales", type=float, nargs="+", required=True, help="factors to try, e.g. 1 0.7 0.5"
+    )
+    calibrate.add_argument(
+        "--calibration-steps",
+        type=int,
+        default=0,
+        help="optimizee steps of each validation run (default: the run's final validation horizon)",
+    )
+    calibrate.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    calibrate.add_argument("--eval-seeds", type=positive_int, default=3)
+    calibrate.add_argument("--eval-steps", type=positive_int, default=1000)
+
     plot = commands.add_parser("plot", help="plot meta-training logs into one PNG")
     plot.add_argument("logs", nargs="+", help="log.jsonl files of the runs to compare")
     plot.add_argument("--out", required=True, help="PNG file to write")
@@ -114,9 +134,11 @@ def _run(parser, argv):
             if recipe_field.type in (int, float, str):
                 command.add_argument(flag, type=recipe_field.type, default=None)
             elif recipe_field.type is list:
-                element = {"curriculum": int, "stage_imitation_probabilities": float}.get(
-                    recipe_field.name, str
-                )
+                element = {
+                    "curriculum": int,
+                    "stage_imitation_probabilities": float,
+                    "step_scales": float,
+                }.get(recipe_field.name, str)
                 command.add_argument(flag, type=element, nargs="*", default=None)
     args = parser.parse_args(argv)
 
@@ -148,6 +170,23 @@ def _run(parser, argv):
         torch.set_num_threads(args.threads)
     if args.command == "evaluate":
         _evaluate(args)
+        return
+    if args.command == "calibrate":
+        folder = pathlib.Path(args.release)
+        if not folder.is_dir():
+            folder = pathlib.Path(__file__).resolve().parent.parent / "flatopt/pretrained" / folder
+        calibration = calibrate_release(
+            folder,
+            args.step_scales,
+            args.calibration_steps,
+            load_dataset("mnist"),
+            "python -m training " + shlex.join(sys.argv[1:] if argv is None else argv),
+            args.eval_steps,
+            args.eval_seeds,
+        )
+        scores = ", ".join(f"{r['scale']:g}: {r['loss']:.4f}" for r in calibration["scores"])
+        print(f"validation loss after {calibration['steps']} steps by factor: {scores}")
+        print(f"kept {calibration['chosen']:g}; rewrote {folder}")
         return
     overrides = {
         f.name: getattr(args, f.name)
@@ -182,11 +221,11 @@ def _train(args, argv, recipe, dataset):
         recipe, dataset, args.out or f"runs/{args.name}", commit=git_commit(), device=args.device
     )
     best = trainer.run()
+    rule, calibration = trainer.calibrated_update_rule()
     if not trainer.processes.is_main:
         return  # process 0 evaluates and exports the release
     print(f"best validation: {best}")
 
-    rule = trainer.best_update_rule()
     print(f"evaluating on the MNIST test set over {args.eval_seeds} seeds ...", flush=True)
     evaluation = evaluate_release(rule, dataset, steps=args.eval_steps, seeds=args.eval_seeds)
     for task, result in evaluation.items():
@@ -204,6 +243,7 @@ def _train(args, argv, recipe, dataset):
         {**best, "phase": trainer.best_phase()},
         evaluation,
         describe(args.name, dataclasses.asdict(recipe)),
+        calibration,
     )
     print(f"exported {folder}")
 

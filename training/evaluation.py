@@ -353,6 +353,13 @@ def differences_from_paper(recipe, shares):
             "meta-gradient is negligible on this optimizee (see `training/logs/lambda-search-"
             f"{regularizer}.json`)."
         )
+    if recipe.get("step_scales"):
+        points.append(
+            "After meta-training, the read-out scale was chosen among "
+            + ", ".join(f"{f:g}" for f in recipe["step_scales"])
+            + " times the meta-trained one by validation loss on the meta-training optimizee's "
+            "held-out images (see How it was made); the paper keeps the read-out as meta-trained."
+        )
     points.append(
         f"Meta-optimizer Adam with learning rate {recipe['meta_lr']:g} and gradient-norm clipping "
         f"at {recipe['max_grad_norm']:g}; truncated unrolls of {recipe['unroll_length']} steps on "

@@ -79,6 +79,12 @@ class Recipe:
         entropy_step_size: Langevin step size.
         entropy_noise: Langevin noise scale.
         entropy_gamma: Local-entropy coupling gamma.
+        step_scales: Factors tried on the update rule's read-out scale once meta-training ends;
+            the one whose rule validates best (lowest held-out loss on the meta-training
+            optimizee, never a test set) is kept in the release. Empty to keep the read-out as
+            meta-trained.
+        calibration_steps: Optimizee steps of those validation runs; 0 for the run's final
+            validation horizon (twice the last curriculum horizon, or ``validation_steps``).
     """
 
     seed: int = 0
@@ -114,6 +120,8 @@ class Recipe:
     entropy_step_size: float = 0.1
     entropy_noise: float = 1e-4
     entropy_gamma: float = 1e-4
+    step_scales: list = field(default_factory=list)
+    calibration_steps: int = 0
 
     def __post_init__(self):
         # Refuse a bad recipe at once, not after an hour of imitation epochs.
@@ -167,6 +175,13 @@ class Recipe:
                 raise ValueError(
                     f"recipe setting {name} must be a number >= 0, got {getattr(self, name)}"
                 )
+        if self.calibration_steps < 0:
+            raise ValueError(
+                f"recipe setting calibration_steps must be >= 0, got {self.calibration_steps}"
+            )
+        for scale in self.step_scales:
+            if not math.isfinite(scale) or scale <= 0:
+                raise ValueError(f"step_scales must be positive numbers, got {self.step_scales}")
         for probability in [self.imitation_probability, *self.stage_imitation_probabilities]:
             if not 0.0 <= probability <= 1.0:
                 raise ValueError(f"imitation probabilities must lie in [0, 1], got {probability}")
@@ -346,6 +361,67 @@ def validate(update_rule, task, steps, seeds, processes=None):
         results[1, index] = curves["eval_accuracy"][-1]
     losses, accuracies = processes.sum(results).tolist()
     return {"loss": sum(losses) / len(losses), "accuracy": sum(accuracies) / len(accuracies)}
+
+
+def validation_seeds(recipe):
+    """Seeds of the validation optimizees, apart from every training optimizee's seed."""
+    return [10_000 + s for s in range(recipe.validation_seeds)]
+
+
+def final_validation_steps(recipe):
+    """Optimizee steps of the last validation a recipe's run makes."""
+    return 2 * recipe.curriculum[-1] if recipe.curriculum else recipe.validation_steps
+
+
+def scaled_update_rule(update_rule, factor):
+    """A copy of ``update_rule`` with its read-out scale multiplied by ``factor``."""
+    config = {**update_rule.config(), "output_scale": update_rule.output_scale * factor}
+    scaled = type(update_rule).from_config(config)
+    scaled.load_state_dict(update_rule.state_dict())
+    return scaled.to(next(update_rule.parameters()).device)
+
+
+def calibrate_step_scale(update_rule, task, steps, seeds, factors, processes=None):
+    """Choose the factor on the update rule's read-out scale that validates best.
+
+    Meta-training sets the step the rule takes on unrolls of a few hundred optimizee steps; over
+    longer runs a smaller (or larger) step can serve better. Each factor's rule trains fresh
+    optimizees of ``task`` and is scored on its held-out images (see :func:`validate`); the
+    lowest loss wins, the earlier factor on a tie.
+
+    Args:
+        update_rule: The meta-trained update rule.
+        task: The optimizee to validate on (the meta-training one, on held-out images).
+        steps: Optimizee steps of each validation run.
+        seeds: One run per seed and factor.
+        factors: The factors to try, e.g. ``[1.0, 0.7, 0.5]``.
+        processes: As in :func:`validate`.
+
+    Returns:
+        ``(rule, records)``: a copy of ``update_rule`` scaled by the best factor, and one
+        ``{"scale", "loss", "accuracy"}`` per factor, in order.
+    """
+    best_rule, best_loss, records = None, math.inf, []
+    for factor in factors:
+        rule = scaled_update_rule(update_rule, factor)
+        score = validate(rule, task, steps, seeds, processes)
+        records.append({"scale": factor, **score})
+        if best_rule is None or score["loss"] < best_loss:
+            best_rule, best_loss = rule, score["loss"]
+    return best_rule, records
+
+
+def calibration_record(rule, records, task, steps, seeds):
+    """What a step-scale calibration tried and kept, as recorded in logs and provenance."""
+    chosen = min(records, key=lambda r: r["loss"])["scale"]  # min keeps the first of a tie
+    return {
+        "optimizee": task.name,
+        "steps": steps,
+        "seeds": seeds,
+        "scores": records,
+        "chosen": chosen,
+        "output_scale": rule.output_scale,
+    }
 
 
 def optimizee_seed(seed, epoch, index):
@@ -660,9 +736,12 @@ class MetaTrainer:
         return curriculum[index + 1] if index + 1 < len(curriculum) else 2 * curriculum[-1]
 
     def _score(self):
-        seeds = [10_000 + s for s in range(self.recipe.validation_seeds)]
         return validate(
-            self.update_rule, self.validation_task, self.validation_steps(), seeds, self.processes
+            self.update_rule,
+            self.validation_task,
+            self.validation_steps(),
+            validation_seeds(self.recipe),
+            self.processes,
         )
 
     def _follow_main_decisions(self):
@@ -734,6 +813,33 @@ class MetaTrainer:
         )
         rule.load_state_dict(self.best_weights or self.update_rule.state_dict())
         return rule
+
+    def calibrated_update_rule(self):
+        """The best update rule with its step scale chosen by the recipe's ``step_scales``.
+
+        Every process takes part (the validation runs are split across them). Without
+        ``step_scales`` this is :meth:`best_update_rule` and no calibration record.
+
+        Returns:
+            ``(rule, calibration)``: the rule on the CPU, and the calibration record (also
+            logged) or ``None``.
+        """
+        rule = self.best_update_rule()
+        if not self.recipe.step_scales:
+            return rule, None
+        steps = self.recipe.calibration_steps or final_validation_steps(self.recipe)
+        seeds = validation_seeds(self.recipe)
+        rule, records = calibrate_step_scale(
+            rule.to(self.device),
+            self.validation_task,
+            steps,
+            seeds,
+            self.recipe.step_scales,
+            self.processes,
+        )
+        calibration = calibration_record(rule, records, self.validation_task, steps, seeds)
+        self._log({"event": "step-scale calibration", **calibration})
+        return rule.cpu(), calibration
 
     def save_checkpoint(self, path):
         """Write everything needed to resume, atomically."""
@@ -813,6 +919,14 @@ class MetaTrainer:
         with open(self._log_path(), "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\n")
         if not self.progress:
+            return
+        if record.get("event") == "step-scale calibration":
+            scores = ", ".join(f"{r['scale']:g}: {r['loss']:.4f}" for r in record["scores"])
+            print(
+                f"step scale after {record['steps']} steps: validation loss by factor {scores}; "
+                f"kept {record['chosen']:g} (output scale {record['output_scale']:g})",
+                flush=True,
+            )
             return
         if "event" in record:
             print(

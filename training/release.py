@@ -1,5 +1,6 @@
 """Turn a meta-trained update rule into a release: weights, config with provenance, model card."""
 
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -11,6 +12,14 @@ import torch
 
 import flatopt
 
+from .meta import (
+    Recipe,
+    calibrate_step_scale,
+    calibration_record,
+    final_validation_steps,
+    mnist_tasks,
+    validation_seeds,
+)
 from .optimizees import mlp, test_task, train_and_evaluate
 
 LICENSE = "MIT"
@@ -95,6 +104,7 @@ def export_release(
     validation,
     evaluation,
     description,
+    calibration=None,
 ):
     """Write the release folder: ``model.safetensors``, ``config.json`` and ``README.md``.
 
@@ -109,6 +119,8 @@ def export_release(
         validation: The best validation record.
         evaluation: Output of :func:`evaluate_release`.
         description: One paragraph saying what this release is.
+        calibration: The step-scale calibration record (see
+            :func:`training.meta.calibration_record`), or ``None``.
     """
     provenance = {
         "command": command,
@@ -121,6 +133,72 @@ def export_release(
         "date": datetime.date.today().isoformat(),
         "best_validation": validation,
     }
+    if calibration is not None:
+        provenance["step_scale_calibration"] = calibration
+    return _write_release(update_rule, folder, name, description, provenance, evaluation)
+
+
+def calibrate_release(folder, factors, steps, dataset, command, eval_steps=1000, eval_seeds=3):
+    """Choose an exported release's step scale and rewrite the release with it.
+
+    The same calibration as ``train --step-scales`` at the end of a run, for a release exported
+    without it: the release's own recipe gives the optimizee, validation seeds and horizon.
+    The release's evaluation and model card are redone; its provenance keeps the original
+    command and records this one.
+
+    Args:
+        folder: The release folder, rewritten in place.
+        factors: Factors tried on the read-out scale.
+        steps: Optimizee steps of each validation run; 0 for the recipe's final validation
+            horizon.
+        dataset: The MNIST dataset.
+        command: This calibration's command line, recorded.
+        eval_steps: Optimizee steps of the release's evaluation.
+        eval_seeds: Seeds of the release's evaluation.
+
+    Returns:
+        The calibration record.
+
+    Raises:
+        ValueError: If the release records no recipe, was calibrated already, or the factors
+            are not positive.
+    """
+    folder = pathlib.Path(folder)
+    update_rule, config = flatopt.load_release(folder)
+    provenance = config.get("provenance") or {}
+    if "recipe" not in provenance:
+        raise ValueError(f"{folder} records no meta-training recipe to calibrate with")
+    if "step_scale_calibration" in provenance:
+        raise ValueError(
+            f"{folder} was calibrated already (factor "
+            f"{provenance['step_scale_calibration']['chosen']:g}); calibrate the uncalibrated "
+            "release instead of compounding factors"
+        )
+    unknown = set(provenance["recipe"]) - {f.name for f in dataclasses.fields(Recipe)}
+    if unknown:
+        raise ValueError(
+            f"{folder}'s recipe has settings this trainer does not know ({sorted(unknown)}); "
+            "calibrate it with the flatopt version that made it"
+        )
+    recipe = Recipe(
+        **{**provenance["recipe"], "step_scales": list(factors), "calibration_steps": steps}
+    )
+    task = mnist_tasks(dataset, recipe.meta_activation, recipe.batch_size)
+    steps = steps or final_validation_steps(recipe)
+    seeds = validation_seeds(recipe)
+    rule, records = calibrate_step_scale(update_rule, task, steps, seeds, recipe.step_scales)
+    calibration = {**calibration_record(rule, records, task, steps, seeds), "command": command}
+    provenance = {
+        **provenance,
+        "recipe": dataclasses.asdict(recipe),
+        "step_scale_calibration": {**calibration, "date": datetime.date.today().isoformat()},
+    }
+    evaluation = evaluate_release(rule, dataset, steps=eval_steps, seeds=eval_seeds)
+    _write_release(rule, folder, config["name"], config["description"], provenance, evaluation)
+    return calibration
+
+
+def _write_release(update_rule, folder, name, description, provenance, evaluation):
     folder = flatopt.save_release(
         update_rule,
         folder,
@@ -173,7 +251,7 @@ p = {preprocess['p']}, output scale {architecture['output_scale']}.
   the lowest validation loss ({best['loss']:.4f}, accuracy {100 * best['accuracy']:.2f}%) on 10,000
   images held out of the MNIST training set after {best.get('steps', provenance['recipe']['validation_steps'])}
   optimizee steps.
-
+{_calibration_lines(provenance.get("step_scale_calibration"))}
 Recipe:
 {recipe}
 
@@ -184,6 +262,21 @@ Recipe:
 Meta-trained on small MNIST MLPs only; how far it carries to other models is measured by the
 benchmarks, not promised here.
 """
+
+
+def _calibration_lines(calibration):
+    if calibration is None:
+        return ""
+    scores = ", ".join(f"{r['scale']:g}: {r['loss']:.4f}" for r in calibration["scores"])
+    lines = (
+        f"- Step scale: the read-out scale was multiplied by {calibration['chosen']:g} (output "
+        f"scale {calibration['output_scale']:g}), the factor with the lowest validation loss of "
+        f"{calibration['optimizee']} after {calibration['steps']} steps on the same held-out "
+        f"images, over {len(calibration['seeds'])} seeds (loss by factor: {scores})."
+    )
+    if "command" in calibration:
+        lines += f"\n- Calibrated afterwards by: `{calibration['command']}`"
+    return lines + "\n"
 
 
 def git_commit():
