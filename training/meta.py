@@ -501,9 +501,17 @@ class MetaTrainer:
         self.log_size = 0
         self.validation_task = self._on_device(self.make_task(recipe.meta_activation))
         if recipe.init_weights:
-            self.update_rule.load_state_dict(
-                flatopt.load_release(recipe.init_weights)[0].state_dict()
-            )
+            start = flatopt.load_release(recipe.init_weights)[0]
+            if start.output_scale != recipe.output_scale:
+                # A calibrated release steps with its own read-out scale; silently training it at
+                # another would start from a different optimizer than the one named.
+                raise ValueError(
+                    f"init_weights {recipe.init_weights!r} has read-out scale "
+                    f"{start.output_scale:g} but the recipe's output_scale is "
+                    f"{recipe.output_scale:g}; pass --output-scale {start.output_scale:g} to "
+                    "start from it as released"
+                )
+            self.update_rule.load_state_dict(start.state_dict())
 
     @property
     def total_epochs(self):

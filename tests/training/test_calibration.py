@@ -8,7 +8,13 @@ import torch
 
 import flatopt
 from training.__main__ import main
-from training.meta import MetaTrainer, Recipe, calibrate_step_scale, mnist_tasks
+from training.meta import (
+    MetaTrainer,
+    Recipe,
+    calibrate_step_scale,
+    mnist_tasks,
+    scaled_update_rule,
+)
 from training.release import export_release
 
 # A factor this small leaves the optimizee practically at its initial weights (loss near log 10),
@@ -90,7 +96,9 @@ def test_calibrate_command_rewrites_a_release_once(mnist, tmp_path, capsys):
     assert config["provenance"]["command"] == "python -m training train --name trial"
     assert config["provenance"]["recipe"]["step_scales"] == [1.0, TINY]
     assert config["evaluation"]["mnist-mlp-relu"]["steps"] == 10
-    assert "Step scale: the read-out scale was multiplied by 1" in (folder / "README.md").read_text()
+    assert (
+        "Step scale: the read-out scale was multiplied by 1" in (folder / "README.md").read_text()
+    )
     for name, tensor in rule.state_dict().items():
         assert torch.equal(calibrated.state_dict()[name], tensor), name
 
@@ -116,3 +124,17 @@ def test_calibrate_command_refuses_bad_input_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["calibrate", str(made), "--step-scales", "1", "-0.5"])
     assert "step_scales must be positive" in capsys.readouterr().err
+
+
+def test_warm_start_from_a_calibrated_release_needs_its_read_out_scale(mnist, tmp_path):
+    rule, _ = flatopt.load_release("dm")
+    folder = flatopt.save_release(scaled_update_rule(rule, 0.5), tmp_path / "half", name="half")
+    recipe = Recipe(init_weights=str(folder), imitation_epochs=0, meta_epochs=0)
+
+    with pytest.raises(ValueError, match="--output-scale 0.05"):
+        MetaTrainer(recipe, mnist, tmp_path / "run", progress=False)
+
+    matching = dataclasses.replace(recipe, output_scale=0.05)
+    trainer = MetaTrainer(matching, mnist, tmp_path / "run", progress=False)
+    for name, tensor in rule.state_dict().items():
+        assert torch.equal(trainer.update_rule.state_dict()[name], tensor), name

@@ -29,6 +29,7 @@ def test_release_lambda_moves_the_meta_gradient(name, mnist, tmp_path):
     short = dataclasses.replace(
         recipe,
         init_weights=name,
+        output_scale=config["update_rule"]["output_scale"],
         curriculum=[],
         stage_imitation_probabilities=[],
         imitation_probability=0.0,
