@@ -313,7 +313,8 @@ def flatness_verdicts(results, baseline="dm-cl"):
                     adam["summary"][steps[0]]["test_accuracy"][0]
                     - result["summary"][steps[0]]["test_accuracy"][0]
                 )
-                verdicts.append(f"{gap:.2f} points below tuned Adam @{steps[0]}")
+                side = "below" if gap >= 0 else "above"
+                verdicts.append(f"{abs(gap):.2f} points {side} tuned Adam @{steps[0]}")
             parts.append(f"{optimizee}: " + ", ".join(verdicts))
         lines.append(f"- `{name}`: " + "; ".join(parts) + ".")
     return "\n".join(lines)

@@ -110,6 +110,7 @@ def test_flatness_verdicts_count_only_differences_beyond_the_spread():
             "better": ([0.94, 0.002], 10.0),
             "noisy": ([0.94, 0.02], 20.0),
             "worse": ([0.90, 0.001], 40.0),
+            "ahead": ([0.96, 0.001], 10.0),
         }
     )
 
@@ -122,3 +123,4 @@ def test_flatness_verdicts_count_only_differences_beyond_the_spread():
     assert "worse by 3.00 points" in lines["worse"]
     assert "5.00 points below tuned Adam @1000" in lines["worse"]
     assert lines["dm-cl"] == "- `dm-cl`: mlp-relu: 2.00 points below tuned Adam @1000."
+    assert "1.00 points above tuned Adam @1000" in lines["ahead"]
