@@ -7,7 +7,7 @@ Typical use::
 """
 
 from .optimizer import LearnedOptimizer
-from .update_rules import LSTMUpdateRule, build_update_rule
+from .update_rules import LSTMUpdateRule, ScaleUpdateRule, build_update_rule
 from .weights import DEFAULT_WEIGHTS, list_pretrained, load_release, resolve_weights, save_release
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_WEIGHTS",
     "LSTMUpdateRule",
     "LearnedOptimizer",
+    "ScaleUpdateRule",
     "build_update_rule",
     "list_pretrained",
     "load_release",

@@ -23,6 +23,9 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 # so that the guard never forces a host synchronisation on every step.
 _REPORT_EVERY = 100
 NONFINITE_POLICIES = ("skip", "raise")
+# Key of ``self.state`` under which a hierarchical rule's model-wide state is kept; torch's
+# Optimizer.state_dict passes entries that are not parameters through unchanged.
+GLOBAL_STATE_KEY = "global_state"
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -53,6 +56,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
     gradient's finiteness when the rule's bound on its updates is within ``max_update`` (see
     :meth:`LSTMUpdateRule.update_bound`), else by first computing its updates without writing the
     state, which doubles the cost of such a step.
+
+    An update rule that is not coordinate-wise (``coordinatewise = False``, e.g.
+    :class:`flatopt.ScaleUpdateRule`) runs one tensor at a time instead, through its
+    ``tensor_step``; its model-wide state advances once per step, after every group's tensors,
+    from the tensors updated in that step, and lives in ``self.state["global_state"]``. Such a
+    rule keeps its state in float32 and does not support sharded (DTensor) parameters.
 
     Args:
         params: Iterable of parameters or of parameter-group dicts.
@@ -104,6 +113,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         else:
             update_rule, config = load_release(
                 bundled_release(DEFAULT_WEIGHTS) if weights is None else weights
+            )
+        if not _is_coordinatewise(update_rule) and state_dtype != torch.float32:
+            raise ValueError(
+                f"the {update_rule.architecture!r} update rule keeps its state in float32; "
+                f"state_dtype={state_dtype} is supported for coordinate-wise rules only"
             )
         # The state size travels in every group, so that load_state_dict can tell our state dicts
         # (also when rebuilt by ZeroRedundancyOptimizer) from other optimizers' ones.
@@ -184,34 +198,37 @@ class LearnedOptimizer(torch.optim.Optimizer):
             entry = state_dict["state"].get(saved_id)
             if entry is not None:
                 recurrent[index] = self._checked_recurrent_state(index, p, entry)
+        global_state = self._checked_global_state(state_dict["state"].get(GLOBAL_STATE_KEY))
 
         super().load_state_dict(state_dict)
 
         for index, p in enumerate(params):
             if index in recurrent:
-                self.state[p]["lstm_state"] = (
-                    recurrent[index].to(p.device, self.state_dtype, copy=True).contiguous()
-                )
+                # torch has cast the state to the parameter's dtype; it is stored in state_dtype.
+                for key, value in recurrent[index].items():
+                    self.state[p][key] = value.to(
+                        p.device, self.state_dtype, copy=True
+                    ).contiguous()
                 # torch keeps "step" where it was saved; the step counts on the parameter's device.
                 self.state[p]["step"] = self.state[p]["step"].to(p.device, torch.float32)
+        if global_state is not None:
+            # Not a parameter's state, so torch kept the caller's tensor: take a copy of our own.
+            self.state[GLOBAL_STATE_KEY] = {"hidden": global_state.to(torch.float32, copy=True)}
 
     def _checked_recurrent_state(self, index, p, entry):
-        expected = (_as_real(_local(p)).numel(), self.update_rule.state_size)
-        if set(entry) != {"step", "lstm_state"}:
+        shapes = _state_shapes(self.update_rule, _as_real(_local(p)).numel())
+        if set(entry) != {"step", *shapes}:
             raise ValueError(
                 f"optimizer state of parameter {index} has keys {sorted(entry)}, expected "
-                "['lstm_state', 'step']: this state dict was not saved by a LearnedOptimizer"
+                f"{sorted(['step', *shapes])}: this state dict was not saved by a LearnedOptimizer "
+                "with this update rule"
             )
-        value = entry["lstm_state"]
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(
-                f"optimizer state of parameter {index} (shape {tuple(p.shape)}) holds a recurrent "
-                f"state of shape {shape}, expected {expected}: the state dict was saved for another "
-                "model or with another release's weights"
+        for key, expected in shapes.items():
+            _check_state_tensor(
+                entry[key],
+                expected,
+                f"optimizer state of parameter {index} (shape {tuple(p.shape)}) holds a {key}",
             )
-        if not value.is_floating_point() or not torch.isfinite(value).all():
-            raise ValueError(f"optimizer state of parameter {index} is not finite floating point")
         step = entry["step"]
         if (
             not isinstance(step, torch.Tensor)
@@ -219,7 +236,27 @@ class LearnedOptimizer(torch.optim.Optimizer):
             or not torch.isfinite(step).all()
         ):
             raise ValueError(f"optimizer state of parameter {index} has an invalid step {step!r}")
-        return value
+        return {key: entry[key] for key in shapes}
+
+    def _checked_global_state(self, entry):
+        if _is_coordinatewise(self.update_rule):
+            if entry is not None:
+                raise ValueError(
+                    f"this state dict holds a {GLOBAL_STATE_KEY!r} entry, which a coordinate-wise "
+                    "update rule does not have: it was saved with another update rule"
+                )
+            return None
+        if entry is None:
+            return None
+        if not isinstance(entry, dict) or set(entry) != {"hidden"}:
+            raise ValueError(
+                f"the {GLOBAL_STATE_KEY!r} entry of this state dict is not a dict with the key "
+                "'hidden': it was not saved by a LearnedOptimizer with this update rule"
+            )
+        _check_state_tensor(
+            entry["hidden"], self.update_rule.global_state_shape, "the global state holds a tensor"
+        )
+        return entry["hidden"]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -248,6 +285,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         for group_step in work:
             self._write_back(group_step)
+        self._advance_global_state(work)
 
         self._report_skips(work)
         return loss
@@ -264,17 +302,26 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def _gather(self, group):
         params, grads, states = [], [], []
+        coordinatewise = _is_coordinatewise(self.update_rule)
         for p in group["params"]:
             if p.grad is None:
                 continue
+            if not coordinatewise and _is_dtensor(p):
+                raise RuntimeError(
+                    f"LearnedOptimizer: {_describe(group, p)} is sharded (a DTensor), but the "
+                    f"{self.update_rule.architecture!r} update rule computes statistics over whole "
+                    "tensors, which this version does not gather across shards. Sharded "
+                    "parameters (FSDP2) are supported with coordinate-wise rules such as 'dm'."
+                )
             # A view, not a copy, for the usual contiguous float32 gradient.
             grad = _as_real(_local_grad(p)).reshape(-1).to(torch.float32)
             state = self.state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["lstm_state"] = self.update_rule.initial_state(
+                initial = self.update_rule.initial_state(
                     grad.numel(), device=p.device, dtype=self.state_dtype
                 )
+                state.update(initial if isinstance(initial, dict) else {"lstm_state": initial})
             params.append(p)
             grads.append(grad)
             states.append(state)
@@ -284,6 +331,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """Decide which tensors of a group are good this step, before any state changes."""
         rule = self.update_rule.to(grads[0].device)
         finite = [_all_finite(g) for g in grads]
+        if not _is_coordinatewise(rule):
+            updates, new_states, good = self._apply_per_tensor(rule, group, grads, finite, states)
+            return _GroupStep(group, params, grads, states, good, updates, new_states)
         if not getattr(rule, "inplace_step_matches_forward", False):
             updates, new_states, good = self._apply_forward(rule, group, grads, finite, states)
             return _GroupStep(group, params, grads, states, good, updates, new_states)
@@ -315,10 +365,49 @@ class LearnedOptimizer(torch.optim.Optimizer):
             update[start:end], new_state[start:end] = rule(grad[start:end], state[start:end])
 
         sizes = [g.numel() for g in grads]
-        updates, new_states = update.split(sizes), new_state.split(sizes)
+        updates = update.split(sizes)
+        new_states = [{"lstm_state": s} for s in new_state.split(sizes)]
         # NaN fails the comparison, so this also catches a non-finite update; true for empty tensors.
         good = [ok & (u.abs() <= group["max_update"]).all() for ok, u in zip(finite, updates)]
         return updates, new_states, good
+
+    def _apply_per_tensor(self, rule, group, grads, finite, states):
+        # Every group of a step reads the global state of the previous step; it advances in
+        # _advance_global_state once all groups are written.
+        global_state = self._global_state(rule, grads[0].device)
+        updates, new_states, good = [], [], []
+        for grad, ok, state in zip(grads, finite, states):
+            # As in _apply_forward, a non-finite gradient is read as zero, and discarded later.
+            grad = torch.where(ok, grad, torch.zeros_like(grad))
+            if group["maximize"]:
+                grad = -grad
+            tensor_state = {key: state[key] for key in _state_shapes(rule, grad.numel())}
+            update, new_state = rule.tensor_step(grad, tensor_state, global_state, chunk=_CHUNK)
+            updates.append(update)
+            new_states.append(new_state)
+            good.append(ok & (update.abs() <= group["max_update"]).all())
+        return updates, new_states, good
+
+    def _global_state(self, rule, device):
+        entry = self.state.get(GLOBAL_STATE_KEY)
+        if entry is None:
+            return rule.initial_global_state(device)
+        return entry["hidden"].to(device)
+
+    def _advance_global_state(self, work):
+        if _is_coordinatewise(self.update_rule) or not work:
+            return
+        device = work[0].grads[0].device
+        tensor_states, weights = [], []
+        for item in work:
+            for grad, new_state, ok in zip(item.grads, item.new_states, item.good):
+                if grad.numel() > 0:  # an empty tensor has no hidden state of its own to pass up
+                    tensor_states.append(new_state["tensor_state"].to(device))
+                    weights.append(ok.to(device, torch.float32))
+        rule = self.update_rule.to(device)
+        # Only the tensors updated in this step feed the global GRU; with none, it keeps its state.
+        hidden = rule.global_step(self._global_state(rule, device), tensor_states, weights)
+        self.state[GLOBAL_STATE_KEY] = {"hidden": hidden}
 
     def _run_inplace_step(self, rule, group, grads, states, updates, good, write_state):
         # On the CPU the flags are read for free and bad tensors are left out; on accelerators the
@@ -416,10 +505,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if not masked and not ok:
                 continue
             if item.new_states is not None:
-                new_state = item.new_states[index]
-                state["lstm_state"].copy_(
-                    torch.where(ok, new_state, state["lstm_state"]) if masked else new_state
-                )
+                for key, new_value in item.new_states[index].items():
+                    state[key].copy_(
+                        torch.where(ok, new_value, state[key]) if masked else new_value
+                    )
             state["step"] += ok.to(torch.float32)
             target = _as_real(_local(p))
             delta = torch.where(ok, update, torch.zeros_like(update)) if masked else update
@@ -444,7 +533,9 @@ class _GroupStep:
     states: list  # the parameters' optimizer-state dicts
     good: list  # 0-dim bool tensor per parameter
     updates: list  # per parameter; filled by _write_back where new_states is None
-    new_states: list = None  # computed by the rule's forward; None for the in-place step
+    # Per parameter, a dict from state key to its next value, computed by the rule's forward or
+    # tensor_step; None for the in-place step.
+    new_states: list = None
 
 
 def _check_hyperparameters(settings):
@@ -468,6 +559,30 @@ def _check_hyperparameters(settings):
         raise ValueError(
             f"Invalid nonfinite policy {settings['nonfinite']!r}; choose one of {NONFINITE_POLICIES}"
         )
+
+
+def _is_coordinatewise(update_rule):
+    # Modules without the attribute (e.g. a meta-training stand-in) are read as coordinate-wise.
+    return getattr(update_rule, "coordinatewise", True)
+
+
+def _state_shapes(update_rule, num_coordinates):
+    """Return the shape of each per-parameter recurrent-state entry, by state key."""
+    if hasattr(update_rule, "state_shapes"):
+        return update_rule.state_shapes(num_coordinates)
+    return {"lstm_state": (num_coordinates, update_rule.state_size)}
+
+
+def _check_state_tensor(value, expected, what):
+    """Raise ``ValueError`` unless ``value`` is a finite floating tensor of shape ``expected``."""
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(expected):
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"{what} of shape {shape}, expected {tuple(expected)}: the state dict was saved for "
+            "another model or with another release's weights"
+        )
+    if not value.is_floating_point() or not torch.isfinite(value).all():
+        raise ValueError(f"{what} that is not finite floating point")
 
 
 def _capturing():

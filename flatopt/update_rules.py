@@ -6,7 +6,8 @@ optimizer (under ``torch.no_grad``) and inside meta-training (differentiated thr
 
 The coordinate-wise LSTM follows Andrychowicz et al. (2016), "Learning to learn by gradient descent
 by gradient descent", and its L2O-DM-CL variant (Chen et al. 2020, "Training stronger baselines for
-learning to optimize"), which keeps the architecture and changes only the meta-training recipe.
+learning to optimize"), which keeps the architecture and changes only the meta-training recipe. The
+hierarchical RNN (L2O-Scale), which is not coordinate-wise, lives in :mod:`flatopt.scale_rule`.
 """
 
 import math
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from . import fused_step
+from .scale_rule import ScaleUpdateRule
 
 
 class LSTMUpdateRule(nn.Module):
@@ -39,6 +41,8 @@ class LSTMUpdateRule(nn.Module):
     """
 
     architecture = "lstm"
+    # Every coordinate is independent: LearnedOptimizer may batch all coordinates of a group.
+    coordinatewise = True
 
     def __init__(self, hidden_size=20, preprocess_p=10.0, output_scale=0.1):
         super().__init__()
@@ -259,7 +263,7 @@ def _lstm_cell(inputs, cell, weight, bias):
 # The forward that step_inplace reimplements, to tell when a subclass or a patch has replaced it.
 _LSTM_FORWARD = LSTMUpdateRule.forward
 
-UPDATE_RULES = {LSTMUpdateRule.architecture: LSTMUpdateRule}
+UPDATE_RULES = {rule.architecture: rule for rule in (LSTMUpdateRule, ScaleUpdateRule)}
 
 
 def build_update_rule(config):

@@ -1,4 +1,7 @@
-"""LearnedOptimizer keeps the rest of the torch.optim contract: groups, hooks, schedulers, odd params."""
+"""LearnedOptimizer keeps the rest of the torch.optim contract: groups, hooks, schedulers, odd params.
+
+Tests taking the ``weights`` fixture run with every update rule (see conftest.py).
+"""
 
 import copy
 import io
@@ -8,6 +11,7 @@ import pytest
 import torch
 
 import flatopt
+from tests.flatopt.rule_cases import coordinate_state, recurrent_state, states_equal
 
 
 def make_model(seed=0):
@@ -71,19 +75,19 @@ def test_group_settings_are_checked_like_constructor_arguments(group, message):
     assert opt.param_groups[0]["lr"] == 1.0 and len(opt.param_groups) == 1
 
 
-def test_deepcopy_and_repr():
+def test_deepcopy_and_repr(weights):
     model = make_model()
-    opt = flatopt.LearnedOptimizer(model.parameters(), weight_decay=0.01)
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights, weight_decay=0.01)
     one_step(model, opt)
     model_clone, clone = copy.deepcopy((model, opt))
     assert (
-        "weights: dm" in repr(opt)
+        f"weights: {opt.release_config['name']}" in repr(opt)
         and "weight_decay: 0.01" in repr(opt)
         and repr(clone) == repr(opt)
     )
     for p, q in zip(opt.param_groups[0]["params"], clone.param_groups[0]["params"]):
-        assert torch.equal(opt.state[p]["lstm_state"], clone.state[q]["lstm_state"])
-        assert opt.state[p]["lstm_state"].data_ptr() != clone.state[q]["lstm_state"].data_ptr()
+        assert states_equal(recurrent_state(opt, p), recurrent_state(clone, q))
+        assert coordinate_state(opt, p).data_ptr() != coordinate_state(clone, q).data_ptr()
     # The copy trains on its own, exactly like the original.
     one_step(model, opt, seed=3)
     one_step(model_clone, clone, seed=3)
@@ -91,25 +95,27 @@ def test_deepcopy_and_repr():
         assert torch.equal(a, b)
 
 
-def test_pickled_optimizer_still_steps():
+def test_pickled_optimizer_still_steps(weights):
     model = make_model()
-    opt = flatopt.LearnedOptimizer(model.parameters())
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
     one_step(model, opt)
     restored_model, restored = pickle.loads(pickle.dumps((model, opt)))
     one_step(restored_model, restored, seed=1)
     assert restored.state[restored_model[0].weight]["step"].item() == 2
 
 
-def test_float64_default_dtype_does_not_break_the_step():
+def test_float64_default_dtype_does_not_break_the_step(weights):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         model = make_model()
-        opt = flatopt.LearnedOptimizer(model.parameters())
+        opt = flatopt.LearnedOptimizer(model.parameters(), weights)
         one_step(model, opt)
     finally:
         torch.set_default_dtype(previous)
-    assert opt.update_rule.cell1_weight.dtype == torch.float32
+    assert all(w.dtype == torch.float32 for w in opt.update_rule.parameters())
+    for p in model.parameters():
+        assert all(v.dtype == torch.float32 for v in recurrent_state(opt, p).values())
     assert model[0].weight.dtype == torch.float64
 
 
@@ -125,7 +131,7 @@ def test_default_weights_ignore_a_same_named_local_folder(tmp_path, monkeypatch)
 # --- Groups, closures, hooks -----------------------------------------------------------------------
 
 
-def test_groups_use_their_own_lr_and_weight_decay():
+def test_groups_use_their_own_lr_and_weight_decay(weights):
     model = make_model()
     frozen_before = model[0].weight.detach().clone()
     opt = flatopt.LearnedOptimizer(
@@ -133,6 +139,7 @@ def test_groups_use_their_own_lr_and_weight_decay():
             {"params": model[0].parameters(), "lr": 0.0},
             {"params": model[2].parameters(), "weight_decay": 0.5},
         ],
+        weights,
         lr=1.0,
     )
     assert opt.param_groups[1]["lr"] == 1.0 and opt.param_groups[0]["weight_decay"] == 0.0
@@ -141,9 +148,9 @@ def test_groups_use_their_own_lr_and_weight_decay():
     assert not torch.equal(model[2].weight, make_model()[2].weight)
 
 
-def test_add_param_group_takes_defaults_and_trains_the_new_group():
+def test_add_param_group_takes_defaults_and_trains_the_new_group(weights):
     model = make_model()
-    opt = flatopt.LearnedOptimizer(model[0].parameters(), lr=0.5)
+    opt = flatopt.LearnedOptimizer(model[0].parameters(), weights, lr=0.5)
     opt.add_param_group({"params": model[2].parameters()})
     assert opt.param_groups[1]["lr"] == 0.5
     before = model[2].weight.detach().clone()
@@ -151,9 +158,9 @@ def test_add_param_group_takes_defaults_and_trains_the_new_group():
     assert not torch.equal(model[2].weight, before)
 
 
-def test_step_hooks_and_state_dict_hooks_run():
+def test_step_hooks_and_state_dict_hooks_run(weights):
     model = make_model()
-    opt = flatopt.LearnedOptimizer(model.parameters())
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
     calls = []
     opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
     opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
@@ -187,9 +194,9 @@ def test_zero_grad_sets_gradients_to_none():
     ],
     ids=["StepLR", "CosineAnnealingLR", "OneCycleLR", "ReduceLROnPlateau"],
 )
-def test_lr_schedulers_drive_lr(make_scheduler):
+def test_lr_schedulers_drive_lr(make_scheduler, weights):
     model = make_model()
-    opt = flatopt.LearnedOptimizer(model.parameters())
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
     scheduler = make_scheduler(opt)
     lrs = []
     for step in range(5):
@@ -203,9 +210,9 @@ def test_lr_schedulers_drive_lr(make_scheduler):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_grad_scaler_skips_overflow_steps_without_advancing_state():
+def test_grad_scaler_skips_overflow_steps_without_advancing_state(weights):
     model = make_model()
-    opt = flatopt.LearnedOptimizer(model.parameters())
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
 
     opt.zero_grad()
@@ -213,7 +220,7 @@ def test_grad_scaler_skips_overflow_steps_without_advancing_state():
     scaler.step(opt)
     scaler.update()
     first = model[0].weight
-    state_before = opt.state[first]["lstm_state"].clone()
+    state_before = {k: v.clone() for k, v in recurrent_state(opt, first).items()}
     params_before = [p.detach().clone() for p in model.parameters()]
 
     opt.zero_grad()
@@ -222,18 +229,18 @@ def test_grad_scaler_skips_overflow_steps_without_advancing_state():
     scaler.step(opt)
     scaler.update()
     assert scaler.get_scale() < 2.0**8
-    assert torch.equal(opt.state[first]["lstm_state"], state_before)
+    assert states_equal(recurrent_state(opt, first), state_before)
     assert opt.state[first]["step"].item() == 1
     for a, b in zip(params_before, model.parameters()):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
-def test_compiled_training_step_matches_eager(backend):
+def test_compiled_training_step_matches_eager(backend, weights):
     """Dynamo traces the step (``eager``); ``inductor`` also generates and compiles C++ for it."""
     eager_model, compiled_model = make_model(), make_model()
-    eager_opt = flatopt.LearnedOptimizer(eager_model.parameters())
-    compiled_opt = flatopt.LearnedOptimizer(compiled_model.parameters())
+    eager_opt = flatopt.LearnedOptimizer(eager_model.parameters(), weights)
+    compiled_opt = flatopt.LearnedOptimizer(compiled_model.parameters(), weights)
 
     @torch.compile(backend=backend)
     def compiled_step(seed):
@@ -251,40 +258,44 @@ def test_compiled_training_step_matches_eager(backend):
 # --- Odd parameters --------------------------------------------------------------------------------
 
 
-def test_zero_size_zero_dim_and_non_contiguous_parameters():
+def test_zero_size_zero_dim_and_non_contiguous_parameters(weights):
     empty = torch.nn.Parameter(torch.zeros(0, 4))
     scalar = torch.nn.Parameter(torch.tensor(1.5))
     strided = torch.nn.Parameter(torch.randn(4, 6).t())  # a non-contiguous leaf
     assert not strided.is_contiguous()
-    opt = flatopt.LearnedOptimizer([empty, scalar, strided])
+    opt = flatopt.LearnedOptimizer([empty, scalar, strided], weights)
     strided_before, strides = strided.detach().clone(), strided.stride()
     (scalar**2 + (strided**2).sum() + empty.sum()).backward()
     opt.step()
     assert empty.shape == (0, 4)
     assert scalar.item() != 1.5
     assert not torch.equal(strided, strided_before) and strided.stride() == strides
-    assert opt.state[scalar]["lstm_state"].shape == (1, 80)
+    assert coordinate_state(opt, scalar).shape == (1, opt.update_rule.state_size)
+    assert coordinate_state(opt, empty).shape == (0, opt.update_rule.state_size)
+    assert all(torch.isfinite(v).all() for p in (empty, scalar) for v in opt.state[p].values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_parameters_follow_the_float32_run(dtype):
+def test_half_precision_parameters_follow_the_float32_run(dtype, weights):
     reference = torch.nn.Parameter(torch.linspace(-1, 1, 10))
     low = torch.nn.Parameter(reference.detach().to(dtype))
-    ref_opt, low_opt = flatopt.LearnedOptimizer([reference]), flatopt.LearnedOptimizer([low])
+    ref_opt = flatopt.LearnedOptimizer([reference], weights)
+    low_opt = flatopt.LearnedOptimizer([low], weights)
     for _ in range(3):
         for p, opt in ((reference, ref_opt), (low, low_opt)):
             opt.zero_grad()
             (p.float() ** 2).sum().backward()
             opt.step()
     assert low.dtype == dtype
-    assert low_opt.state[low]["lstm_state"].dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in recurrent_state(low_opt, low).values())
     torch.testing.assert_close(low.float(), reference.detach(), atol=2e-2, rtol=2e-2)
 
 
-def test_complex_parameter_is_optimized_as_pairs_of_real_coordinates():
+def test_complex_parameter_is_optimized_as_pairs_of_real_coordinates(weights):
     z = torch.nn.Parameter(torch.tensor([1 + 2j, -3 + 0.5j]))
     pairs = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())
-    z_opt, pairs_opt = flatopt.LearnedOptimizer([z]), flatopt.LearnedOptimizer([pairs])
+    z_opt = flatopt.LearnedOptimizer([z], weights)
+    pairs_opt = flatopt.LearnedOptimizer([pairs], weights)
     for _ in range(3):
         z_opt.zero_grad()
         (z.abs() ** 2).sum().backward()
@@ -293,14 +304,14 @@ def test_complex_parameter_is_optimized_as_pairs_of_real_coordinates():
         (pairs**2).sum().backward()
         pairs_opt.step()
     torch.testing.assert_close(torch.view_as_real(z.detach()), pairs.detach())
-    assert z_opt.state[z]["lstm_state"].shape == (4, 80)
+    assert coordinate_state(z_opt, z).shape == (4, z_opt.update_rule.state_size)
 
 
-def test_sparse_gradient_is_refused_before_any_parameter_moves():
+def test_sparse_gradient_is_refused_before_any_parameter_moves(weights):
     dense = torch.nn.Linear(4, 4)
     embedding = torch.nn.Embedding(10, 4, sparse=True)
     opt = flatopt.LearnedOptimizer(
-        [{"params": dense.parameters()}, {"params": embedding.parameters()}]
+        [{"params": dense.parameters()}, {"params": embedding.parameters()}], weights
     )
     before = [p.detach().clone() for p in (*dense.parameters(), *embedding.parameters())]
     (dense(embedding(torch.tensor([1, 2]))).sum()).backward()
@@ -311,25 +322,25 @@ def test_sparse_gradient_is_refused_before_any_parameter_moves():
     assert not opt.state
 
 
-def test_state_dict_survives_weights_only_load_onto_another_dtype():
+def test_state_dict_survives_weights_only_load_onto_another_dtype(weights):
     model = make_model()
-    opt = flatopt.LearnedOptimizer(model.parameters())
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
     one_step(model, opt)
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     double_model = make_model().double()
-    double_opt = flatopt.LearnedOptimizer(double_model.parameters())
+    double_opt = flatopt.LearnedOptimizer(double_model.parameters(), weights)
     double_opt.load_state_dict(saved)
     for p, q in zip(model.parameters(), double_model.parameters()):
-        assert double_opt.state[q]["lstm_state"].dtype == torch.float32
-        assert torch.equal(double_opt.state[q]["lstm_state"], opt.state[p]["lstm_state"])
+        assert all(v.dtype == torch.float32 for v in recurrent_state(double_opt, q).values())
+        assert states_equal(recurrent_state(double_opt, q), recurrent_state(opt, p))
 
 
-def test_a_zero_gradient_still_takes_a_learned_step():
+def test_a_zero_gradient_still_takes_a_learned_step(weights):
     p = torch.nn.Parameter(torch.ones(3))
-    opt = flatopt.LearnedOptimizer([p])
+    opt = flatopt.LearnedOptimizer([p], weights)
     p.grad = torch.zeros(3)
     opt.step()
     # Unlike SGD, the update is a function of the recurrent state and biases, not only of the gradient.

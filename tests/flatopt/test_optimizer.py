@@ -1,4 +1,8 @@
-"""LearnedOptimizer as a torch.optim optimizer: steps, state, resume and guards."""
+"""LearnedOptimizer as a torch.optim optimizer: steps, state, resume and guards.
+
+Tests taking the ``weights`` fixture run with every update rule (see conftest.py); the others are
+about the bundled LSTM releases or the LSTM rule's fused step.
+"""
 
 import copy
 import io
@@ -7,6 +11,11 @@ import pytest
 import torch
 
 import flatopt
+from tests.flatopt.rule_cases import (
+    initial_recurrent_state,
+    recurrent_state,
+    states_equal,
+)
 
 
 def make_model(seed=0):
@@ -50,24 +59,26 @@ def test_training_reduces_loss_with_bundled_weights():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_lr_zero_leaves_parameters_unchanged_but_advances_state():
+def test_lr_zero_leaves_parameters_unchanged_but_advances_state(weights):
     model = make_model()
-    opt = flatopt.LearnedOptimizer(model.parameters(), lr=0.0)
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights, lr=0.0)
     before = [p.detach().clone() for p in model.parameters()]
     train_steps(model, opt, 5)
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
     first = next(model.parameters())
     assert opt.state[first]["step"].item() == 5
-    assert opt.state[first]["lstm_state"].abs().sum() > 0
+    assert not states_equal(recurrent_state(opt, first), initial_recurrent_state(opt, first))
 
 
-def test_a_tensor_lr_steps_like_the_number_and_is_read_at_every_step():
+def test_a_tensor_lr_steps_like_the_number_and_is_read_at_every_step(weights):
     number_model, tensor_model = make_model(), make_model()
     lr = torch.tensor(0.5)
-    number_opt = flatopt.LearnedOptimizer(number_model.parameters(), lr=0.5, weight_decay=0.1)
+    number_opt = flatopt.LearnedOptimizer(
+        number_model.parameters(), weights, lr=0.5, weight_decay=0.1
+    )
     train_steps(number_model, number_opt, 3)
-    opt = flatopt.LearnedOptimizer(tensor_model.parameters(), lr=lr, weight_decay=0.1)
+    opt = flatopt.LearnedOptimizer(tensor_model.parameters(), weights, lr=lr, weight_decay=0.1)
     train_steps(tensor_model, opt, 3)
     for a, b in zip(number_model.parameters(), tensor_model.parameters()):
         torch.testing.assert_close(a, b)
@@ -78,11 +89,11 @@ def test_a_tensor_lr_steps_like_the_number_and_is_read_at_every_step():
     assert all(torch.equal(a, b) for a, b in zip(before, tensor_model.parameters()))
 
 
-def test_parameters_without_gradients_are_skipped():
+def test_parameters_without_gradients_are_skipped(weights):
     model = make_model()
     frozen = model[0].weight
     frozen.requires_grad_(False)
-    opt = flatopt.LearnedOptimizer(model.parameters())
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
     before = frozen.detach().clone()
     train_steps(model, opt, 3)
     assert torch.equal(before, frozen)
@@ -90,9 +101,9 @@ def test_parameters_without_gradients_are_skipped():
     assert opt.state[model[2].weight]["step"].item() == 3
 
 
-def test_state_dict_round_trip_resumes_bit_identically():
+def test_state_dict_round_trip_resumes_bit_identically(weights):
     model = make_model()
-    opt = flatopt.LearnedOptimizer(model.parameters(), weight_decay=0.01)
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights, weight_decay=0.01)
     train_steps(model, opt, 4, seed=1)
 
     buffer = io.BytesIO()
@@ -101,7 +112,7 @@ def test_state_dict_round_trip_resumes_bit_identically():
     saved = torch.load(buffer, weights_only=True)
     resumed_model = make_model(seed=123)
     resumed_model.load_state_dict(saved["model"])
-    resumed_opt = flatopt.LearnedOptimizer(resumed_model.parameters(), weight_decay=0.01)
+    resumed_opt = flatopt.LearnedOptimizer(resumed_model.parameters(), weights, weight_decay=0.01)
     resumed_opt.load_state_dict(saved["opt"])
 
     train_steps(model, opt, 6, seed=2)
@@ -109,45 +120,46 @@ def test_state_dict_round_trip_resumes_bit_identically():
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
     for a, b in zip(model.parameters(), resumed_model.parameters()):
-        assert torch.equal(opt.state[a]["lstm_state"], resumed_opt.state[b]["lstm_state"])
+        assert states_equal(recurrent_state(opt, a), recurrent_state(resumed_opt, b))
 
 
-def test_recurrent_state_stays_float32_for_half_precision_parameters():
+def test_recurrent_state_stays_float32_for_half_precision_parameters(weights):
     model = make_model().to(torch.bfloat16)
-    opt = flatopt.LearnedOptimizer(model.parameters())
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
     x = torch.randn(8, 6, dtype=torch.bfloat16)
     model(x).sum().backward()
     opt.step()
     opt.load_state_dict(opt.state_dict())
     for p in model.parameters():
         assert p.dtype == torch.bfloat16
-        assert opt.state[p]["lstm_state"].dtype == torch.float32
+        assert all(v.dtype == torch.float32 for v in recurrent_state(opt, p).values())
 
 
-def test_weight_decay_is_decoupled_and_maximize_flips_the_gradient():
+def test_weight_decay_is_decoupled_and_maximize_flips_the_gradient(weights):
     param = torch.nn.Parameter(torch.full((4,), 2.0))
     grad = torch.tensor([0.1, -0.2, 0.3, -0.4])
 
     plain = torch.nn.Parameter(param.detach().clone())
     plain.grad = grad.clone()
-    flatopt.LearnedOptimizer([plain], lr=0.5).step()
+    flatopt.LearnedOptimizer([plain], weights, lr=0.5).step()
     decayed = torch.nn.Parameter(param.detach().clone())
     decayed.grad = grad.clone()
-    flatopt.LearnedOptimizer([decayed], lr=0.5, weight_decay=0.2).step()
+    flatopt.LearnedOptimizer([decayed], weights, lr=0.5, weight_decay=0.2).step()
     torch.testing.assert_close(decayed, plain - 0.5 * 0.2 * 2.0)
 
     maximized = torch.nn.Parameter(param.detach().clone())
     maximized.grad = -grad
-    flatopt.LearnedOptimizer([maximized], lr=0.5, maximize=True).step()
+    flatopt.LearnedOptimizer([maximized], weights, lr=0.5, maximize=True).step()
     torch.testing.assert_close(maximized, plain)
 
 
-def test_non_finite_gradient_never_reaches_parameter_or_state():
+def test_non_finite_gradient_never_reaches_parameter_or_state(weights):
     model = make_model()
-    opt = flatopt.LearnedOptimizer(model.parameters())
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
     train_steps(model, opt, 2)
     bad, good = model[0].weight, model[2].weight
-    bad_before, bad_state = bad.detach().clone(), opt.state[bad]["lstm_state"].clone()
+    bad_before = bad.detach().clone()
+    bad_state = {k: v.clone() for k, v in recurrent_state(opt, bad).items()}
     good_before = good.detach().clone()
 
     model(torch.randn(4, 6)).sum().backward()
@@ -156,16 +168,18 @@ def test_non_finite_gradient_never_reaches_parameter_or_state():
     with pytest.warns(RuntimeWarning, match="non-finite"):
         opt.step()
     assert torch.equal(bad, bad_before)
-    assert torch.equal(opt.state[bad]["lstm_state"], bad_state)
+    assert states_equal(recurrent_state(opt, bad), bad_state)
     assert opt.state[bad]["step"].item() == 2
     assert not torch.equal(good, good_before)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_raise_policy_refuses_the_whole_step_before_any_parameter_moves():
+def test_raise_policy_refuses_the_whole_step_before_any_parameter_moves(weights):
     model = make_model()
     opt = flatopt.LearnedOptimizer(
-        [{"params": model[0].parameters()}, {"params": model[2].parameters()}], nonfinite="raise"
+        [{"params": model[0].parameters()}, {"params": model[2].parameters()}],
+        weights,
+        nonfinite="raise",
     )
     model(torch.randn(4, 6)).sum().backward()
     model[2].bias.grad[0] = float("nan")
@@ -177,9 +191,9 @@ def test_raise_policy_refuses_the_whole_step_before_any_parameter_moves():
     assert all(not s["step"] for s in opt.state.values())
 
 
-def test_skip_warning_names_the_parameter_and_large_updates_are_refused():
+def test_skip_warning_names_the_parameter_and_large_updates_are_refused(weights):
     model = make_model()
-    opt = flatopt.LearnedOptimizer(model.named_parameters(), max_update=1e-12)
+    opt = flatopt.LearnedOptimizer(model.named_parameters(), weights, max_update=1e-12)
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.randn(4, 6)).sum().backward()
     with pytest.warns(RuntimeWarning, match="'0.weight'.*'2.bias'"):
@@ -197,34 +211,36 @@ def test_invalid_guard_settings_are_refused(kwargs, message):
         flatopt.LearnedOptimizer(make_model().parameters(), **kwargs)
 
 
-def test_fresh_state_dict_of_another_optimizer_is_refused():
+def test_fresh_state_dict_of_another_optimizer_is_refused(weights):
     model = make_model()
     adam = torch.optim.Adam(model.parameters())
-    opt = flatopt.LearnedOptimizer(model.parameters(), lr=0.5)
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights, lr=0.5)
     with pytest.raises(ValueError, match="not saved by a LearnedOptimizer"):
         opt.load_state_dict(adam.state_dict())
     assert opt.param_groups[0]["lr"] == 0.5 and "betas" not in opt.param_groups[0]
 
 
-def test_state_dict_of_another_optimizer_is_refused_without_change():
+def test_state_dict_of_another_optimizer_is_refused_without_change(weights):
     model = make_model()
     adam = torch.optim.Adam(model.parameters())
     train_steps(model, adam, 1)
-    opt = flatopt.LearnedOptimizer(model.parameters())
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
     train_steps(model, opt, 1)
     snapshot = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match="not saved by a LearnedOptimizer"):
         opt.load_state_dict(adam.state_dict())
-    for a, b in zip(snapshot["state"].values(), opt.state_dict()["state"].values()):
-        assert torch.equal(a["lstm_state"], b["lstm_state"])
+    after = opt.state_dict()["state"]
+    assert snapshot["state"].keys() == after.keys()
+    for key, entry in snapshot["state"].items():
+        assert all(torch.equal(value, after[key][name]) for name, value in entry.items())
 
 
-def test_state_dict_for_other_shapes_is_refused():
+def test_state_dict_for_other_shapes_is_refused(weights):
     model = make_model()
-    opt = flatopt.LearnedOptimizer(model.parameters())
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
     train_steps(model, opt, 1)
     other = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-    other_opt = flatopt.LearnedOptimizer(other.parameters())
+    other_opt = flatopt.LearnedOptimizer(other.parameters(), weights)
     with pytest.raises(ValueError, match="another model"):
         other_opt.load_state_dict(opt.state_dict())
     assert not other_opt.state
@@ -238,9 +254,9 @@ def test_invalid_hyperparameters_are_refused(kwargs, message):
         flatopt.LearnedOptimizer(make_model().parameters(), **kwargs)
 
 
-def test_step_with_closure_returns_loss():
+def test_step_with_closure_returns_loss(weights):
     model = make_model()
-    opt = flatopt.LearnedOptimizer(model.parameters())
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
 
     def closure():
@@ -254,6 +270,8 @@ def test_step_with_closure_returns_loss():
 
 
 def test_a_subclass_forward_is_honoured_over_the_fused_step():
+    """LSTM only: the fused in-place step is the coordinate-wise rule's."""
+
     class Frozen(flatopt.LSTMUpdateRule):
         def forward(self, grad, state):
             update, new_state = super().forward(grad, state)

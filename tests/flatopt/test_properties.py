@@ -1,4 +1,4 @@
-"""Property-based tests over shapes, dtypes, group layouts and gradient values."""
+"""Property-based tests over shapes, dtypes, group layouts and gradient values, for every update rule."""
 
 import math
 import warnings
@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flatopt
+from tests.flatopt.rule_cases import initial_recurrent_state, recurrent_state, states_equal
 
 # A bounded profile: CI must stay fast, and each example builds optimizers.
 settings.register_profile(
@@ -47,19 +48,19 @@ def _copy(params):
 
 
 @given(params_with_grads(), st.floats(0.0, 2.0))
-def test_finite_gradients_give_finite_parameters_of_the_same_dtype(params, lr):
-    opt = flatopt.LearnedOptimizer(params, lr=lr)
+def test_finite_gradients_give_finite_parameters_of_the_same_dtype(weights, params, lr):
+    opt = flatopt.LearnedOptimizer(params, weights, lr=lr)
     dtypes_before = [p.dtype for p in params]
     opt.step()
     for p, dtype in zip(params, dtypes_before):
         assert p.dtype == dtype
         assert torch.isfinite(p).all()
-        assert opt.state[p]["lstm_state"].dtype == torch.float32
+        assert all(v.dtype == torch.float32 for v in recurrent_state(opt, p).values())
 
 
 @given(params_with_grads(values=any_values))
-def test_a_tensor_with_a_non_finite_gradient_is_left_untouched(params):
-    opt = flatopt.LearnedOptimizer(params)
+def test_a_tensor_with_a_non_finite_gradient_is_left_untouched(weights, params):
+    opt = flatopt.LearnedOptimizer(params, weights)
     before = [p.detach().clone() for p in params]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the skip is reported; here we check it
@@ -67,24 +68,24 @@ def test_a_tensor_with_a_non_finite_gradient_is_left_untouched(params):
     for p, old in zip(params, before):
         if not torch.isfinite(p.grad).all():
             assert torch.equal(p, old)
-            assert not opt.state[p]["lstm_state"].any()
+            assert states_equal(recurrent_state(opt, p), initial_recurrent_state(opt, p))
             assert opt.state[p]["step"].item() == 0
         assert torch.isfinite(p).all() or not torch.isfinite(old).all()
 
 
 @given(params_with_grads(), st.integers(1, 3))
-def test_group_layout_does_not_change_the_result(params, groups):
+def test_group_layout_does_not_change_the_result(weights, params, groups):
     together = _copy(params)
-    flatopt.LearnedOptimizer(together).step()
+    flatopt.LearnedOptimizer(together, weights).step()
     layout = [{"params": params[i::groups]} for i in range(groups) if params[i::groups]]
-    flatopt.LearnedOptimizer(layout).step()
+    flatopt.LearnedOptimizer(layout, weights).step()
     for a, b in zip(together, params):
         torch.testing.assert_close(a, b)
 
 
 @given(params_with_grads())
-def test_lr_zero_is_an_exact_no_op(params):
+def test_lr_zero_is_an_exact_no_op(weights, params):
     before = [p.detach().clone() for p in params]
-    flatopt.LearnedOptimizer(params, lr=0.0, weight_decay=0.3).step()
+    flatopt.LearnedOptimizer(params, weights, lr=0.0, weight_decay=0.3).step()
     for p, old in zip(params, before):
         assert torch.equal(p, old)
