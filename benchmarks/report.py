@@ -98,8 +98,8 @@ def time_tables(results):
     """One table per optimizee: forward+backward, step and whole iteration, each over Adam's."""
     parts = [
         (
-            "Median time of an iteration (its first left out), as a multiple of Adam's on the "
-            "same optimizee. Optimizers that evaluate the loss themselves (SAM, Entropy-SGD, the "
+            "Median time of an iteration (its first left out; the median over seeds of each run's "
+            "median), as a multiple of Adam's on the same optimizee. Optimizers that evaluate the loss themselves (SAM, Entropy-SGD, the "
             "Hessian-trace penalty) run every forward and backward pass inside their step, so "
             "their whole iteration counts as step."
         )

@@ -390,9 +390,10 @@ def summarise(runs):
     Returns:
         A dict: ``seeds``; ``test_accuracy_mean`` and ``_std`` and ``test_loss_mean`` (at the last
         step, diverged runs included); ``final_train_loss_mean`` (mean of the last 100 steps);
-        ``diverged_runs``; ``forward_backward_s``, ``step_s`` and ``iteration_s`` (means over
-        seeds of the median iteration; ``forward_backward_s`` is ``None`` where the optimizer
-        runs the passes in its step); ``gradient_evaluations_per_step``;
+        ``diverged_runs``; ``forward_backward_s``, ``step_s`` and ``iteration_s`` (medians over
+        seeds of each run's median iteration, so that one run slowed by other work on the machine
+        does not shift them; ``forward_backward_s`` is ``None`` where the optimizer runs the
+        passes in its step); ``gradient_evaluations_per_step``;
         ``state_bytes_per_parameter``; ``hessian_top_eigenvalue_mean`` / ``_std`` and
         ``hessian_trace_mean`` / ``_std`` over the runs that did not diverge (``None`` if all did).
     """
@@ -404,8 +405,8 @@ def summarise(runs):
         "test_loss_mean": _mean([r["test_loss"] for r in runs]),
         "final_train_loss_mean": _mean([r["final_train_loss"] for r in runs]),
         "diverged_runs": sum(r["diverged"] for r in runs),
-        "forward_backward_s": _mean([r["time"]["forward_backward_s"] for r in runs]),
-        "step_s": _mean([r["time"]["step_s"] for r in runs]),
+        "forward_backward_s": _median([r["time"]["forward_backward_s"] for r in runs]),
+        "step_s": _median([r["time"]["step_s"] for r in runs]),
         "gradient_evaluations_per_step": runs[0]["gradient_evaluations_per_step"],
         "state_bytes_per_parameter": statistics.fmean(r["state_bytes_per_parameter"] for r in runs),
     }
@@ -992,6 +993,12 @@ def _finite(value, digits=None):
 def _mean(values):
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
+
+
+def _median(values):
+    """Median of the values that are not ``None``, or ``None`` if there are none."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def _pointwise_mean(curves):

@@ -15,6 +15,7 @@ from benchmarks.run import (
     SettingsMismatchError,
     format_table,
     run_benchmark,
+    summarise,
 )
 
 TINY = dataclasses.replace(
@@ -231,3 +232,27 @@ def test_non_positive_step_counts_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--steps", "0"])
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_times_over_seeds_ignore_one_run_slowed_by_other_work():
+    def run(seed, step_s, forward_backward_s=0.010):
+        return {
+            "seed": seed,
+            "test_accuracy": 0.9,
+            "test_loss": 0.3,
+            "final_train_loss": 0.3,
+            "diverged": False,
+            "time": {"forward_backward_s": forward_backward_s, "step_s": step_s},
+            "gradient_evaluations_per_step": 1,
+            "state_bytes_per_parameter": 8.0,
+            "sharpness": None,
+        }
+
+    summary = summarise([run(0, 0.002), run(1, 0.009, 0.030), run(2, 0.003)])
+
+    assert summary["step_s"] == 0.003
+    assert summary["forward_backward_s"] == 0.010
+    assert summary["iteration_s"] == pytest.approx(0.013)
+    closure = summarise([run(0, 0.05, None), run(1, 0.06, None)])
+    assert closure["forward_backward_s"] is None
+    assert closure["iteration_s"] == pytest.approx(0.055)
