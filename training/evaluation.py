@@ -328,45 +328,66 @@ def _accuracy_verdict(mine, theirs):
 
 
 PAPER_LAMBDAS = {"hessian-trace": 1e-8, "hessian-ev": 1e-8, "jacobian-trace": 1e-8, "entropy": 1e-6}
+# The paper's weights for L2O-Scale's Hessian family.
+SCALE_PAPER_LAMBDAS = {"hessian-trace": 5e-5, "hessian-ev": 5e-5, "jacobian-trace": 5e-5}
 
 
 def differences_from_paper(recipe, shares):
-    """Bullet points saying how ``recipe`` departs from the published L2O-DM-CL recipe."""
+    """Bullet points saying how ``recipe`` departs from its paper's (L2O-DM-CL or L2O-Scale)."""
+    scale = recipe.get("architecture", "lstm") == "scale"
     points = []
     if recipe["init_weights"]:
         points.append(
-            f"Starts from the `{recipe['init_weights']}` release (itself Adam imitation, then "
-            "meta-training) instead of meta-training a random LSTM with imitation from the start."
+            f"Starts from the `{recipe['init_weights']}` release instead of meta-training a "
+            "random update rule from the start."
         )
     if recipe["curriculum"]:
         points.append(
             "Curriculum horizons "
             + ", ".join(str(h) for h in recipe["curriculum"])
             + f" optimizee steps and at most {recipe['meta_epochs']} meta-training epochs in all, "
-            "to fit an hour of one CPU core, where the paper's curriculum runs to longer horizons."
+            "to fit an hour of one CPU core"
+            + (
+                "; the paper has no curriculum."
+                if scale
+                else ", where the paper's curriculum runs to longer horizons."
+            )
         )
     regularizer = recipe["regularizer"]
-    if regularizer in PAPER_LAMBDAS:
+    paper_lambdas = SCALE_PAPER_LAMBDAS if scale else PAPER_LAMBDAS
+    if regularizer in paper_lambdas:
         share = f" (its gradient averaged {shares['mean']:.3g} times the loss's)" if shares else ""
         points.append(
             f"Regularizer weight lambda = {recipe['reg_lambda']:g}{share} instead of the paper's "
-            f"{PAPER_LAMBDAS[regularizer]:g}, at which the regularizer's share of the "
-            "meta-gradient is negligible on this optimizee (see `training/logs/lambda-search-"
-            f"{regularizer}.json`)."
+            f"{paper_lambdas[regularizer]:g}, chosen by a search where the regularizer's share "
+            "of the meta-gradient is material"
+            + ("" if scale else " (at the paper's value it is negligible on this optimizee)")
+            + f"; see `training/logs/lambda-search-{regularizer}.json`."
         )
     if recipe.get("step_scales"):
         points.append(
-            "After meta-training, the read-out scale was chosen among "
+            "After meta-training, the step was scaled by the factor among "
             + ", ".join(f"{f:g}" for f in recipe["step_scales"])
-            + " times the meta-trained one by validation loss on the meta-training optimizee's "
-            "held-out images (see How it was made); the paper keeps the read-out as meta-trained."
+            + " with the best validation loss on the meta-training optimizee's held-out images "
+            "(see How it was made); the paper keeps the step as meta-trained."
         )
-    points.append(
-        f"Meta-optimizer Adam with learning rate {recipe['meta_lr']:g} and gradient-norm clipping "
-        f"at {recipe['max_grad_norm']:g}; truncated unrolls of {recipe['unroll_length']} steps on "
-        f"the MNIST 784-20({recipe['meta_activation']})-10 MLP with batch {recipe['batch_size']}, "
-        "as in the paper."
-    )
+    if scale:
+        points.append(
+            f"Meta-optimizer {recipe['meta_optimizer']} with learning rate {recipe['meta_lr']:g} "
+            f"and gradient-norm clipping at {recipe['max_grad_norm']:g} (the paper's code clips "
+            f"by value); objective {recipe['meta_objective']} over unrolls of mean length "
+            f"{recipe['unroll_length']} ({recipe['unroll_lengths']} lengths) on the "
+            f"{recipe['optimizee']} optimizee with batch {recipe['batch_size']}, where the paper "
+            "meta-trains on an ensemble of small problems."
+        )
+    else:
+        points.append(
+            f"Meta-optimizer Adam with learning rate {recipe['meta_lr']:g} and gradient-norm "
+            f"clipping at {recipe['max_grad_norm']:g}; truncated unrolls of "
+            f"{recipe['unroll_length']} steps on the MNIST "
+            f"784-20({recipe['meta_activation']})-10 MLP with batch {recipe['batch_size']}, as in "
+            "the paper."
+        )
     return "\n".join(f"- {point}" for point in points)
 
 

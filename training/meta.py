@@ -1,10 +1,16 @@
-"""Meta-training of a coordinate-wise update rule by truncated backpropagation through unrolls.
+"""Meta-training of an update rule by truncated backpropagation through unrolls.
 
-The recipe follows L2O-DM (Andrychowicz et al. 2016) with the imitation warm start of L2O-DM-CL
-(Chen et al. 2020): the update rule first regresses onto an Adam teacher's steps along the teacher's
-own trajectory, then is meta-trained on the mean optimizee loss over truncated unrolls. As in L2O-DM,
-the optimizee's gradient is treated as a constant input (no second derivatives through it); the
-meta-gradient flows through the parameter updates and the recurrent state.
+Two recipes share this trainer. L2O-DM (Andrychowicz et al. 2016) with the imitation warm start of
+L2O-DM-CL (Chen et al. 2020) trains the coordinate-wise LSTM: the update rule first regresses onto
+an Adam teacher's steps along the teacher's own trajectory, then is meta-trained on the mean
+optimizee loss over truncated unrolls. L2O-Scale (Wichrowska et al. 2017) trains the hierarchical
+RNN on the mean log ratio of the optimizee loss to its initial value, over unrolls of randomly drawn
+lengths, with RMSProp as the meta-optimizer. Every other part (curriculum, imitation, flatness
+regularizers, validation, checkpoints, step-scale calibration) is the same code for both: the
+unrolls reach the update rule through :func:`apply_update_rule`, which speaks both rules'
+interfaces. In both recipes the optimizee's gradient is treated as a constant input (no second
+derivatives through it, as in L2O-DM); the meta-gradient flows through the parameter updates and
+the recurrent state.
 
 The trainer writes a checkpoint after every epoch (atomically) and resumes from it exactly, logs one
 JSON line per epoch and validation, and keeps the update rule with the best validation score.
@@ -16,6 +22,7 @@ and scores do not depend on the number of processes, so a run can resume under a
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -28,20 +35,50 @@ import torch
 import flatopt
 
 from . import distributed, flatness
-from .optimizees import ACTIVATIONS, holdout_task, mlp, train_and_evaluate
+from .optimizees import ACTIVATIONS, holdout_task, mlp, scale_cnn, train_and_evaluate
+
+ARCHITECTURES = ("lstm", "scale")
+OPTIMIZEES = ("mlp", "scale-cnn")
+META_OPTIMIZERS = ("adam", "rmsprop")
+META_OBJECTIVES = ("mean-loss", "log-loss-ratio")
+UNROLL_LENGTHS = ("fixed", "exponential")
+# The L2O-Scale code's epsilon of the log loss ratio.
+LOG_RATIO_EPSILON = 1e-6
 
 
 @dataclass
 class Recipe:
     """Everything that determines a meta-training run (recorded in the release's provenance).
 
+    The defaults are the L2O-DM recipe. The L2O-Scale recipe is ``architecture="scale"``,
+    ``optimizee="scale-cnn"``, ``meta_optimizer="rmsprop"``, ``meta_objective="log-loss-ratio"``
+    and ``unroll_lengths="exponential"``, with ``meta_lr`` and ``unroll_length`` sized to the run.
+
     Attributes:
         seed: Seed of every random draw of the run.
-        hidden_size: LSTM units per layer.
-        preprocess_p: Gradient preprocessing constant.
-        output_scale: Fixed factor on the update rule's read-out.
+        architecture: The update rule: ``"lstm"`` (coordinate-wise LSTM, L2O-DM) or ``"scale"``
+            (hierarchical RNN, L2O-Scale, with :class:`flatopt.ScaleUpdateRule`'s default sizes).
+        hidden_size: LSTM units per layer (LSTM only).
+        preprocess_p: Gradient preprocessing constant (LSTM only).
+        output_scale: Fixed factor on the update rule's read-out (LSTM only).
+        optimizee: The MNIST model meta-trained on: ``"mlp"`` (784-20-10, with the activations
+            below) or ``"scale-cnn"`` (:func:`training.optimizees.scale_cnn`, always ReLU, so the
+            activation settings do not apply).
         batch_size: Optimizee minibatch size.
-        unroll_length: Optimizee steps per truncated unroll (one meta-update each).
+        unroll_length: Optimizee steps per truncated unroll (one meta-update each); the mean length
+            when the lengths are drawn.
+        unroll_lengths: ``"fixed"``, every unroll ``unroll_length`` steps; or ``"exponential"``,
+            each unroll ``min_unroll_length + round(X)`` steps with ``X`` exponential of mean
+            ``unroll_length - min_unroll_length``, as L2O-Scale draws them (50 + Exp(200) there),
+            drawn from the run's seed epoch by epoch.
+        min_unroll_length: The shortest drawn unroll; the default keeps L2O-Scale's ratio of
+            minimum to mean (50 to 250) at the default ``unroll_length``.
+        meta_objective: What each unroll minimises: ``"mean-loss"``, the mean optimizee loss over
+            the unroll (L2O-DM); or ``"log-loss-ratio"``, the mean over the unroll of
+            ``log(loss_t / (loss_0 + 1e-6) + 1e-6)`` with ``loss_0`` the optimizee's loss at its
+            initial weights (L2O-Scale; see :func:`log_loss_ratio`).
+        meta_optimizer: ``"adam"`` or ``"rmsprop"`` (decay 0.9, as L2O-Scale's) on the update
+            rule's weights, in imitation and meta-training alike.
         imitation_epochs: Epochs of regression onto the Adam teacher.
         imitation_unrolls: Unrolls per imitation epoch (a fresh optimizee each epoch).
         imitation_activations: Optimizee activations cycled through epoch by epoch during imitation.
@@ -53,8 +90,8 @@ class Recipe:
             (initial weights and minibatches); every meta-update averages their meta-gradients.
             Under several processes this set is split across them, so it must be at least the
             number of processes.
-        imitation_meta_lr: Adam learning rate on the update rule during imitation.
-        meta_lr: Adam learning rate on the update rule during meta-training.
+        imitation_meta_lr: Meta-optimizer learning rate on the update rule during imitation.
+        meta_lr: Meta-optimizer learning rate on the update rule during meta-training.
         max_grad_norm: Clip of the meta-gradient norm.
         validate_every: Meta-training epochs between validations.
         validation_steps: Optimizee steps of each validation run.
@@ -79,8 +116,9 @@ class Recipe:
         entropy_step_size: Langevin step size.
         entropy_noise: Langevin noise scale.
         entropy_gamma: Local-entropy coupling gamma.
-        step_scales: Factors tried on the update rule's read-out scale once meta-training ends;
-            the one whose rule validates best (lowest held-out loss on the meta-training
+        step_scales: Factors tried on the update rule's step once meta-training ends (on the
+            LSTM's read-out scale, or on the hierarchical RNN's step size through its step-size
+            offset); the one whose rule validates best (lowest held-out loss on the meta-training
             optimizee, never a test set) is kept in the release. Empty to keep the read-out as
             meta-trained.
         calibration_steps: Optimizee steps of those validation runs; 0 for the run's final
@@ -122,6 +160,12 @@ class Recipe:
     entropy_gamma: float = 1e-4
     step_scales: list = field(default_factory=list)
     calibration_steps: int = 0
+    architecture: str = "lstm"
+    optimizee: str = "mlp"
+    meta_optimizer: str = "adam"
+    meta_objective: str = "mean-loss"
+    unroll_lengths: str = "fixed"
+    min_unroll_length: int = 4
 
     def __post_init__(self):
         # Refuse a bad recipe at once, not after an hour of imitation epochs.
@@ -139,6 +183,7 @@ class Recipe:
             "reg_probes",
             "reg_iterations",
             "entropy_steps",
+            "min_unroll_length",
         ]
         for name in positive:
             if getattr(self, name) < 1:
@@ -192,6 +237,23 @@ class Recipe:
                 f"stage_imitation_probabilities needs one value per curriculum stage "
                 f"({len(self.curriculum)}), got {self.stage_imitation_probabilities}"
             )
+        choices = {
+            "architecture": ARCHITECTURES,
+            "optimizee": OPTIMIZEES,
+            "meta_optimizer": META_OPTIMIZERS,
+            "meta_objective": META_OBJECTIVES,
+            "unroll_lengths": UNROLL_LENGTHS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"unknown {name} {getattr(self, name)!r}; choose from {list(allowed)}"
+                )
+        if self.unroll_lengths == "exponential" and self.min_unroll_length > self.unroll_length:
+            raise ValueError(
+                f"min_unroll_length ({self.min_unroll_length}) exceeds the mean unroll_length "
+                f"({self.unroll_length}); lower --min-unroll-length or raise --unroll-length"
+            )
         self.flatness_regularizer()  # raises for an unknown regularizer
 
     def flatness_regularizer(self):
@@ -229,21 +291,132 @@ class Recipe:
         )
 
 
-def mnist_tasks(dataset, activation, batch_size, validation_size=10000):
-    """The MNIST MLP optimizee, training on the training split minus a held-out validation part.
+def mnist_tasks(dataset, activation, batch_size, validation_size=10000, optimizee="mlp"):
+    """The MNIST meta-training optimizee, training on the training split minus a held-out part.
 
     Args:
         dataset: An :class:`training.data.ImageDataset`.
-        activation: Hidden activation of the 784-20-10 MLP.
+        activation: Hidden activation of the 784-20-10 MLP (unused by the convnet).
         batch_size: Minibatch size.
         validation_size: Training images held out to validate update rules (never the test set).
+        optimizee: ``"mlp"`` or ``"scale-cnn"`` (see :class:`Recipe`).
 
     Returns:
         A :class:`ClassificationTask` scored on the held-out images.
     """
+    if optimizee == "scale-cnn":
+        return holdout_task(scale_cnn, dataset, "scale-cnn", batch_size, validation_size)
     return holdout_task(
         lambda: mlp(20, activation), dataset, f"mlp-{activation}", batch_size, validation_size
     )
+
+
+def new_update_rule(recipe):
+    """A freshly initialised update rule of the recipe's architecture (drawn from torch's RNG)."""
+    if recipe.architecture == "scale":
+        return flatopt.ScaleUpdateRule()
+    return flatopt.LSTMUpdateRule(recipe.hidden_size, recipe.preprocess_p, recipe.output_scale)
+
+
+def new_meta_optimizer(recipe, weights):
+    """The recipe's meta-optimizer on the update rule's ``weights``, at the imitation rate."""
+    if recipe.meta_optimizer == "rmsprop":
+        # L2O-Scale's decay. Its epsilon, 1e-20, sits under the square root there; torch adds
+        # epsilon after the root, so 1e-10 is the same floor. Note: TensorFlow's RMSProp starts
+        # its mean square at 1 where torch's starts at 0, so the first meta-updates here are
+        # larger (about 1/sqrt(0.1) times the learning rate per weight) than the original's.
+        return torch.optim.RMSprop(weights, lr=recipe.imitation_meta_lr, alpha=0.9, eps=1e-10)
+    return torch.optim.Adam(weights, lr=recipe.imitation_meta_lr)
+
+
+def initial_rule_state(update_rule, sizes, device=None):
+    """The update rule's state at the start of an optimizee whose tensors have ``sizes`` entries.
+
+    Returns:
+        For a coordinate-wise rule, the state of all coordinates as one stream, ``(N,
+        state_size)``; otherwise ``(states, global_state)``, one state per tensor and the
+        model-wide one (differentiable in the rule's learned initial states, if it has any).
+    """
+    if _coordinatewise(update_rule):
+        return update_rule.initial_state(sum(sizes), device=device)
+    states = [update_rule.initial_state(size, device=device) for size in sizes]
+    return states, update_rule.initial_global_state(device=device)
+
+
+def apply_update_rule(update_rule, grads, rule_state):
+    """One step of the update rule on an optimizee's gradients, whichever the rule's interface.
+
+    A coordinate-wise rule sees all the coordinates as one stream; a rule that is not (the
+    hierarchical RNN) sees one gradient per tensor and carries the model-wide state.
+
+    Args:
+        update_rule: The update rule.
+        grads: One 1-D gradient per optimizee tensor, in a fixed order.
+        rule_state: The state from :func:`initial_rule_state` or the previous step.
+
+    Returns:
+        ``(updates, rule_state)``: one 1-D update per tensor, and the next state.
+    """
+    if _coordinatewise(update_rule):
+        update, rule_state = update_rule(torch.cat(grads), rule_state)
+        return list(update.split([grad.numel() for grad in grads])), rule_state
+    states, global_state = rule_state
+    updates, states, global_state = update_rule(grads, states, global_state)
+    return updates, (states, global_state)
+
+
+def detach_rule_state(rule_state):
+    """The rule state cut from its history, as a truncated unroll hands it to the next one."""
+    if isinstance(rule_state, torch.Tensor):
+        return rule_state.detach()
+    if isinstance(rule_state, dict):
+        return {key: detach_rule_state(value) for key, value in rule_state.items()}
+    return type(rule_state)(detach_rule_state(value) for value in rule_state)
+
+
+def mean_loss(losses):
+    """The L2O-DM meta-objective: the mean of an unroll's optimizee losses."""
+    return sum(losses) / len(losses)
+
+
+def log_loss_ratio(losses, initial_loss, epsilon=LOG_RATIO_EPSILON):
+    """The L2O-Scale meta-objective: the mean log ratio of the losses to the initial loss.
+
+    With ``epsilon`` the L2O-Scale code's 1e-6, over an unroll's losses ``l_1 .. l_T``::
+
+        (1 / T) sum_t log(l_t / (l_0 + epsilon) + epsilon)
+
+    Dividing by ``l_0`` makes optimizees whose losses differ in scale weigh alike, and the log
+    rewards the last factor of progress as much as the first.
+
+    Args:
+        losses: The unroll's optimizee losses, 0-dim tensors.
+        initial_loss: ``l_0``, the optimizee's loss at its initial weights (a constant).
+        epsilon: Keeps the ratio and the log finite.
+    """
+    return sum(torch.log(loss / (initial_loss + epsilon) + epsilon) for loss in losses) / len(
+        losses
+    )
+
+
+def draw_unroll_lengths(recipe, count, generator):
+    """Optimizee steps of each of ``count`` truncated unrolls, by the recipe's ``unroll_lengths``.
+
+    Args:
+        recipe: The :class:`Recipe`.
+        count: Unrolls to draw.
+        generator: Draws exponential lengths (left untouched for fixed ones).
+
+    Returns:
+        A list of ``count`` positive integers.
+    """
+    if recipe.unroll_lengths == "fixed":
+        return [recipe.unroll_length] * count
+    scale = recipe.unroll_length - recipe.min_unroll_length
+    uniforms = torch.rand(count, generator=generator, dtype=torch.float64).tolist()
+    # Inverse transform: -scale log(1 - U) is exponential with mean ``scale``, unbounded as in
+    # L2O-Scale (about one unroll in a hundred is longer than 4.6 times ``scale``).
+    return [recipe.min_unroll_length + round(-scale * math.log1p(-u)) for u in uniforms]
 
 
 def imitation_unroll(update_rule, task, params, teacher, rule_state, generator, steps, teacher_lr):
@@ -254,7 +427,7 @@ def imitation_unroll(update_rule, task, params, teacher, rule_state, generator, 
         task: The optimizee.
         params: Dict of the teacher's current optimizee parameters (advanced in place).
         teacher: Dict with Adam's ``m``, ``v`` (flat tensors) and ``t`` (int), advanced in place.
-        rule_state: The update rule's recurrent state ``(N, state_size)``, detached.
+        rule_state: The update rule's state (see :func:`initial_rule_state`), detached.
         generator: Draws the minibatches.
         steps: Unroll length.
         teacher_lr: Adam's learning rate.
@@ -262,7 +435,7 @@ def imitation_unroll(update_rule, task, params, teacher, rule_state, generator, 
     Returns:
         ``(loss, rule_state)``: the relative squared error ``sum |u - d|^2 / sum |d|^2`` over the
         unroll (differentiable in the rule's weights; 1 means no better than predicting zero), and
-        the new recurrent state, detached.
+        the new state, detached.
     """
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     error, reference = 0.0, 0.0
@@ -271,7 +444,8 @@ def imitation_unroll(update_rule, task, params, teacher, rule_state, generator, 
         images, labels = task.sample_batch(generator)
         values = [params[n].requires_grad_(True) for n in names]
         grads = torch.autograd.grad(task.loss(dict(zip(names, values)), images, labels), values)
-        grad = torch.cat([g.reshape(-1) for g in grads])
+        grads = [g.reshape(-1) for g in grads]
+        grad = torch.cat(grads)
 
         teacher["t"] += 1
         teacher["m"].mul_(beta1).add_(grad, alpha=1 - beta1)
@@ -280,48 +454,58 @@ def imitation_unroll(update_rule, task, params, teacher, rule_state, generator, 
         v_hat = teacher["v"] / (1 - beta2 ** teacher["t"])
         target = -teacher_lr * m_hat / (v_hat.sqrt() + eps)
 
-        update, rule_state = update_rule(grad, rule_state)
+        updates, rule_state = apply_update_rule(update_rule, grads, rule_state)
+        update = torch.cat(updates)
         error = error + (update - target).pow(2).sum()
         reference = reference + target.pow(2).sum()
         _add_flat_(params, target)
-    return error / reference, rule_state.detach()
+    return error / reference, detach_rule_state(rule_state)
 
 
-def meta_unroll(update_rule, task, params, rule_state, generator, steps, regularizer=None):
+def meta_unroll(
+    update_rule,
+    task,
+    params,
+    rule_state,
+    generator,
+    steps,
+    regularizer=None,
+    objective=mean_loss,
+):
     """Apply the update rule for ``steps`` optimizee steps and return the differentiable meta-loss.
 
     Args:
         update_rule: The update rule being trained.
         task: The optimizee.
         params: Dict of detached optimizee parameters at the start of the unroll.
-        rule_state: Recurrent state ``(N, state_size)``, detached.
+        rule_state: The update rule's state (see :func:`initial_rule_state`), detached.
         generator: Draws the minibatches.
         steps: Unroll length.
         regularizer: Optional ``(loss_fn, params, generator) -> scalar`` flatness measure,
             evaluated on the parameters the unroll ends at (``loss_fn`` draws a fresh minibatch at
             each call; the measure's own random draws also come from ``generator``).
+        objective: The meta-loss of the unroll's optimizee losses (a list of 0-dim tensors, each
+            at the parameters before its step): :func:`mean_loss` by default, or e.g.
+            :func:`log_loss_ratio` with its initial loss bound.
 
     Returns:
-        ``(meta_loss, regularization, params, rule_state)``: the mean optimizee loss over the
-        unroll and the flatness measure at its end (``None`` without a regularizer), both
-        differentiable in the rule's weights, and the detached parameters and state at its end.
+        ``(meta_loss, regularization, params, rule_state)``: the objective over the unroll and
+        the flatness measure at its end (``None`` without a regularizer), both differentiable in
+        the rule's weights, and the detached parameters and state at its end.
     """
     names = list(params)
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
     current = {n: params[n].detach().requires_grad_(True) for n in names}
-    total = 0.0
+    losses = []
     for _ in range(steps):
         images, labels = task.sample_batch(generator)
         loss = task.loss(current, images, labels)
         # The gradient enters as data: no second derivatives, as in L2O-DM.
         grads = torch.autograd.grad(loss, list(current.values()), retain_graph=True)
-        grad = torch.cat([g.reshape(-1) for g in grads]).detach()
-        update, rule_state = update_rule(grad, rule_state)
-        current = {
-            n: current[n] + u.view(shape) for n, u, shape in zip(names, update.split(sizes), shapes)
-        }
-        total = total + loss
+        updates, rule_state = apply_update_rule(
+            update_rule, [g.reshape(-1).detach() for g in grads], rule_state
+        )
+        current = {n: current[n] + u.view_as(current[n]) for n, u in zip(names, updates)}
+        losses.append(loss)
 
     regularization = None
     if regularizer is not None:
@@ -331,7 +515,7 @@ def meta_unroll(update_rule, task, params, rule_state, generator, steps, regular
 
         regularization = regularizer(loss_fn, list(current.values()), generator)
     final = {n: v.detach() for n, v in current.items()}
-    return total / steps, regularization, final, rule_state.detach()
+    return objective(losses), regularization, final, detach_rule_state(rule_state)
 
 
 def validate(update_rule, task, steps, seeds, processes=None):
@@ -374,11 +558,36 @@ def final_validation_steps(recipe):
 
 
 def scaled_update_rule(update_rule, factor):
-    """A copy of ``update_rule`` with its read-out scale multiplied by ``factor``."""
-    config = {**update_rule.config(), "output_scale": update_rule.output_scale * factor}
-    scaled = type(update_rule).from_config(config)
-    scaled.load_state_dict(update_rule.state_dict())
+    """A copy of ``update_rule`` whose every step, given the same state, is ``factor`` times longer.
+
+    The LSTM's read-out scale is multiplied by ``factor``; the hierarchical RNN, whose step
+    ``exp(eta + offset)`` has no fixed scale, gets ``log(factor)`` added to its step-size offset.
+
+    Raises:
+        ValueError: For an update rule with neither.
+    """
+    if hasattr(update_rule, "output_scale"):
+        config = {**update_rule.config(), "output_scale": update_rule.output_scale * factor}
+        scaled = type(update_rule).from_config(config)
+        scaled.load_state_dict(update_rule.state_dict())
+    elif hasattr(update_rule, "step_size_offset"):
+        scaled = type(update_rule).from_config(update_rule.config())
+        scaled.load_state_dict(update_rule.state_dict())
+        with torch.no_grad():
+            scaled.step_size_offset.add_(math.log(factor))
+    else:
+        raise ValueError(
+            f"cannot scale the steps of a {type(update_rule).__name__}: it has neither a read-out "
+            "scale nor a step-size offset; leave step_scales empty for it"
+        )
     return scaled.to(next(update_rule.parameters()).device)
+
+
+def step_setting(update_rule):
+    """The setting a step-scale calibration changes, as ``{name: value}`` for the records."""
+    if hasattr(update_rule, "output_scale"):
+        return {"output_scale": update_rule.output_scale}
+    return {"step_size_offset": update_rule.step_size_offset.item()}
 
 
 def calibrate_step_scale(update_rule, task, steps, seeds, factors, processes=None):
@@ -420,7 +629,7 @@ def calibration_record(rule, records, task, steps, seeds):
         "seeds": seeds,
         "scores": records,
         "chosen": chosen,
-        "output_scale": rule.output_scale,
+        **step_setting(rule),
     }
 
 
@@ -438,7 +647,8 @@ class MetaTrainer:
 
     Args:
         recipe: The run's settings.
-        dataset: The image dataset the MNIST MLP optimizees train on (unused with ``make_task``).
+        dataset: The image dataset the recipe's MNIST optimizees train on (unused with
+            ``make_task``).
         out_dir: Folder for ``checkpoint.pt``, ``best.safetensors`` and ``log.jsonl``.
         progress: Whether to print one line per epoch.
         commit: The code's commit, recorded in the checkpoint at the run's first start and kept
@@ -446,7 +656,8 @@ class MetaTrainer:
         make_task: Optional ``activation -> ClassificationTask`` giving the optimizee of an epoch
             in place of the recipe's MNIST MLPs: your own model factory and data, trained on the
             task's training images and validated on its held-out ones. It is called with the
-            activation the recipe names for the epoch and may ignore it.
+            activation the recipe names for the epoch and may ignore it; the recipe's
+            ``optimizee`` is then unused.
         device: Where to train: ``"cpu"``, or ``"cuda"`` (each process's own GPU under torchrun).
 
     Under torchrun every process builds the trainer alike; it joins the process group (see
@@ -454,7 +665,8 @@ class MetaTrainer:
     validation seeds, and only process 0 writes the checkpoint and the log, and prints.
 
     Raises:
-        ValueError: If the recipe has fewer ``tasks_per_step`` than there are processes.
+        ValueError: If the recipe has fewer ``tasks_per_step`` than there are processes, or its
+            ``init_weights`` release is of another architecture or size.
     """
 
     def __init__(
@@ -470,7 +682,9 @@ class MetaTrainer:
         self.recipe = recipe
         self.dataset = dataset
         self.make_task = make_task or (
-            lambda activation: mnist_tasks(dataset, activation, recipe.batch_size)
+            lambda activation: mnist_tasks(
+                dataset, activation, recipe.batch_size, optimizee=recipe.optimizee
+            )
         )
         self.out_dir = pathlib.Path(out_dir)
         self.progress = progress
@@ -483,12 +697,8 @@ class MetaTrainer:
                 f"--tasks-per-step to at least {self.processes.world_size} or launch fewer"
             )
         torch.manual_seed(recipe.seed)
-        self.update_rule = flatopt.LSTMUpdateRule(
-            recipe.hidden_size, recipe.preprocess_p, recipe.output_scale
-        ).to(self.device)
-        self.meta_optimizer = torch.optim.Adam(
-            self.update_rule.parameters(), lr=recipe.imitation_meta_lr
-        )
+        self.update_rule = new_update_rule(recipe).to(self.device)
+        self.meta_optimizer = new_meta_optimizer(recipe, self.update_rule.parameters())
         self.epoch = 0  # epochs finished, imitation and meta-training counted together
         self.best = {"loss": math.inf, "epoch": None}
         self.best_weights = None
@@ -501,17 +711,34 @@ class MetaTrainer:
         self.log_size = 0
         self.validation_task = self._on_device(self.make_task(recipe.meta_activation))
         if recipe.init_weights:
-            start = flatopt.load_release(recipe.init_weights)[0]
-            if start.output_scale != recipe.output_scale:
-                # A calibrated release steps with its own read-out scale; silently training it at
-                # another would start from a different optimizer than the one named.
-                raise ValueError(
-                    f"init_weights {recipe.init_weights!r} has read-out scale "
-                    f"{start.output_scale:g} but the recipe's output_scale is "
-                    f"{recipe.output_scale:g}; pass --output-scale {start.output_scale:g} to "
-                    "start from it as released"
-                )
-            self.update_rule.load_state_dict(start.state_dict())
+            self.update_rule.load_state_dict(self._starting_weights())
+
+    def _starting_weights(self):
+        # The weights of the recipe's init_weights release, refused unless they are of the very
+        # update rule the recipe builds.
+        recipe = self.recipe
+        start = flatopt.load_release(recipe.init_weights)[0]
+        if start.architecture != recipe.architecture:
+            raise ValueError(
+                f"init_weights {recipe.init_weights!r} is a {start.architecture!r} update rule but "
+                f"the recipe's architecture is {recipe.architecture!r}; pass --architecture "
+                f"{start.architecture} to start from it"
+            )
+        if recipe.architecture == "lstm" and start.output_scale != recipe.output_scale:
+            # A calibrated release steps with its own read-out scale; silently training it at
+            # another would start from a different optimizer than the one named.
+            raise ValueError(
+                f"init_weights {recipe.init_weights!r} has read-out scale "
+                f"{start.output_scale:g} but the recipe's output_scale is "
+                f"{recipe.output_scale:g}; pass --output-scale {start.output_scale:g} to "
+                "start from it as released"
+            )
+        if start.config() != self.update_rule.config():
+            raise ValueError(
+                f"init_weights {recipe.init_weights!r} is the update rule {start.config()}, but "
+                f"the recipe builds {self.update_rule.config()}; set the recipe's sizes to match"
+            )
+        return start.state_dict()
 
     @property
     def total_epochs(self):
@@ -564,10 +791,10 @@ class MetaTrainer:
         """
         recipe = self.recipe
         warm_start = epoch < recipe.imitation_epochs
-        # A separate generator, so that the coin does not shift the epoch's minibatches.
-        coin = torch.rand(
-            (), generator=torch.Generator().manual_seed(recipe.seed * 7_919 + epoch)
-        ).item()
+        # A separate generator, so that the coin and the unroll lengths do not shift the epoch's
+        # minibatches; the coin is its first draw, the lengths follow.
+        schedule = torch.Generator().manual_seed(recipe.seed * 7_919 + epoch)
+        coin = torch.rand((), generator=schedule).item()
         imitation = warm_start or coin < self.imitation_probability()
         if imitation:
             activation = recipe.imitation_activations[epoch % len(recipe.imitation_activations)]
@@ -584,8 +811,10 @@ class MetaTrainer:
 
         regularizer = None if imitation else recipe.flatness_regularizer()
         losses, grad_norms, reg_values, reg_ratios = [], [], [], []
-        for _ in range(recipe.imitation_unrolls if imitation else self.meta_unrolls()):
-            values, ratio = self._meta_step(task, optimizees, imitation, regularizer)
+        count = recipe.imitation_unrolls if imitation else self.meta_unrolls()
+        lengths = draw_unroll_lengths(recipe, count, schedule)
+        for steps in lengths:
+            values, ratio = self._meta_step(task, optimizees, imitation, regularizer, steps)
             grad_norms.append(
                 torch.nn.utils.clip_grad_norm_(
                     self.update_rule.parameters(), recipe.max_grad_norm
@@ -604,6 +833,8 @@ class MetaTrainer:
             "loss": sum(losses) / len(losses),
             "meta_grad_norm": sum(grad_norms) / len(grad_norms),
         }
+        if recipe.unroll_lengths != "fixed":
+            record["unroll_lengths"] = lengths
         if reg_values:
             record["regularizer"] = recipe.regularizer
             record["regularizer_value"] = sum(reg_values) / len(reg_values)
@@ -615,21 +846,30 @@ class MetaTrainer:
         # process trains it: resumable exactly, under any number of processes.
         seed = optimizee_seed(self.recipe.seed, epoch, index)
         params = task.init_params(seed=seed)
-        size = sum(p.numel() for p in params.values())
+        sizes = [p.numel() for p in params.values()]
+        generator = torch.Generator().manual_seed(seed)
+        initial_loss = None
+        if self.recipe.meta_objective == "log-loss-ratio":
+            # The loss of the first step, on its own minibatch, drawn from a copy of the
+            # generator so that the optimizee's minibatches stay as they are.
+            first = torch.Generator().set_state(generator.get_state())
+            with torch.no_grad():
+                initial_loss = task.loss(params, *task.sample_batch(first)).item()
         return _Optimizee(
             index=index,
             params=params,
-            rule_state=self.update_rule.initial_state(size, device=self.device),
+            rule_state=initial_rule_state(self.update_rule, sizes, device=self.device),
             teacher={
-                "m": torch.zeros(size, device=self.device),
-                "v": torch.zeros(size, device=self.device),
+                "m": torch.zeros(sum(sizes), device=self.device),
+                "v": torch.zeros(sum(sizes), device=self.device),
                 "t": 0,
             },
-            generator=torch.Generator().manual_seed(seed),
+            generator=generator,
+            initial_loss=initial_loss,
         )
 
-    def _meta_step(self, task, optimizees, imitation, regularizer):
-        """Unroll this process's optimizees once and set the meta-gradient over all of them.
+    def _meta_step(self, task, optimizees, imitation, regularizer, steps):
+        """Unroll this process's optimizees ``steps`` steps and set the meta-gradient over all.
 
         Returns:
             ``(values, ratio)``: the mean meta-loss and mean flatness measure over all the
@@ -648,7 +888,7 @@ class MetaTrainer:
         rows = torch.zeros(count, 1 if regularizer is None else 2, size, device=self.device)
         values = torch.zeros(count, 2, dtype=torch.float64)  # meta-loss, flatness measure
         for optimizee in optimizees:
-            loss, regularization = self._unroll(task, optimizee, imitation, regularizer)
+            loss, regularization = self._unroll(task, optimizee, imitation, regularizer, steps)
             grads = torch.autograd.grad(
                 loss, weights, retain_graph=regularization is not None, allow_unused=True
             )
@@ -676,7 +916,7 @@ class MetaTrainer:
         penalty_norm = torch.sqrt(sum(g.pow(2).sum() for g in penalty_grads))
         return means, (penalty_norm / loss_norm.clamp_min(1e-30)).item()
 
-    def _unroll(self, task, optimizee, imitation, regularizer):
+    def _unroll(self, task, optimizee, imitation, regularizer, steps):
         """One truncated unroll of an optimizee; returns ``(meta-loss, flatness measure or None)``."""
         recipe = self.recipe
         if imitation:
@@ -687,18 +927,22 @@ class MetaTrainer:
                 optimizee.teacher,
                 optimizee.rule_state,
                 optimizee.generator,
-                recipe.unroll_length,
+                steps,
                 recipe.teacher_lr,
             )
             return loss, None
+        objective = mean_loss
+        if recipe.meta_objective == "log-loss-ratio":
+            objective = functools.partial(log_loss_ratio, initial_loss=optimizee.initial_loss)
         loss, regularization, optimizee.params, optimizee.rule_state = meta_unroll(
             self.update_rule,
             task,
             optimizee.params,
             optimizee.rule_state,
             optimizee.generator,
-            recipe.unroll_length,
+            steps,
             regularizer,
+            objective,
         )
         return loss, regularization
 
@@ -816,9 +1060,7 @@ class MetaTrainer:
 
     def best_update_rule(self):
         """Return a copy of the update rule with the best validated weights (current ones if none)."""
-        rule = flatopt.LSTMUpdateRule(
-            self.recipe.hidden_size, self.recipe.preprocess_p, self.recipe.output_scale
-        )
+        rule = new_update_rule(self.recipe)
         rule.load_state_dict(self.best_weights or self.update_rule.state_dict())
         return rule
 
@@ -930,9 +1172,12 @@ class MetaTrainer:
             return
         if record.get("event") == "step-scale calibration":
             scores = ", ".join(f"{r['scale']:g}: {r['loss']:.4f}" for r in record["scores"])
+            (setting, value), *_ = (
+                (k, record[k]) for k in ("output_scale", "step_size_offset") if k in record
+            )
             print(
                 f"step scale after {record['steps']} steps: validation loss by factor {scores}; "
-                f"kept {record['chosen']:g} (output scale {record['output_scale']:g})",
+                f"kept {record['chosen']:g} ({setting.replace('_', ' ')} {value:g})",
                 flush=True,
             )
             return
@@ -1016,9 +1261,10 @@ class _Optimizee:
 
     index: int
     params: dict
-    rule_state: torch.Tensor
+    rule_state: object  # see initial_rule_state
     teacher: dict
     generator: torch.Generator
+    initial_loss: float = None  # the log-loss-ratio objective's reference, if it is the objective
 
 
 def _new_stage(index):
@@ -1044,3 +1290,8 @@ def _add_flat_(params, flat):
             n = value.numel()
             params[name] = (value + flat[offset : offset + n].view_as(value)).detach()
             offset += n
+
+
+def _coordinatewise(update_rule):
+    # A rule that does not say is coordinate-wise, as flatopt.LearnedOptimizer reads it.
+    return getattr(update_rule, "coordinatewise", True)

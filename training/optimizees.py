@@ -52,6 +52,30 @@ def conv_mnist():
     )
 
 
+def scale_cnn():
+    """The L2O-Scale meta-training CNN: conv 8 3x3, conv 8 5x5, linear; ReLU after each conv.
+
+    The convnet of the L2O-Scale code's MNIST problem (``ConvNet`` with filters ``[(3, 3, 8),
+    (5, 5, 8)]`` and ReLU): stride 1, "same" padding, no pooling and no convolution biases, so the
+    linear layer reads all 8 x 28 x 28 activations (64,402 parameters in four tensors). Every
+    weight starts from a normal draw with standard deviation 0.01, as there; the original's L2
+    penalty on the weights is left out, as for every other optimizee here. Takes flattened 28x28
+    images, like the MLPs.
+    """
+    model = nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)),
+        nn.Conv2d(1, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 5, padding=2, bias=False),
+        nn.ReLU(),  # (B, 8, 28, 28)
+        nn.Flatten(),
+        nn.Linear(8 * 28 * 28, 10),
+    )
+    for parameter in model.parameters():
+        nn.init.normal_(parameter, 0.0, 0.01)
+    return model
+
+
 def conv_large_mnist():
     """A deeper Conv-MNIST: two conv 32 3x3, 2x2 max-pool, two conv 32 5x5, 2x2 max-pool, linear.
 

@@ -64,8 +64,21 @@ REGULARIZER_PHRASES = {
 }
 
 
+OPTIMIZEE_PHRASES = {
+    "mlp": "an MNIST 784-20({meta_activation})-10 MLP",
+    "scale-cnn": "L2O-Scale's small MNIST convnet (conv 8 3x3, conv 8 5x5, linear; ReLU)",
+}
+META_OPTIMIZER_NAMES = {"adam": "Adam", "rmsprop": "RMSProp"}
+META_OBJECTIVE_PHRASES = {
+    "mean-loss": "the mean optimizee loss",
+    "log-loss-ratio": "the mean log ratio of the optimizee loss to its initial value",
+}
+
+
 def describe(name, recipe):
     """One paragraph saying what the release ``name`` meta-trained with ``recipe`` (a dict) is."""
+    if recipe.get("architecture", "lstm") == "scale":
+        return _describe_scale(recipe)
     if name == "dm":
         return (
             "L2O-DM: the coordinate-wise two-layer LSTM optimizer, warm-started by imitating Adam "
@@ -90,6 +103,41 @@ def describe(name, recipe):
         text + f". At the end of every truncated unroll, {phrase}, taken at the parameters the "
         f"update rule produced, is added to the meta-loss with weight lambda = "
         f"{recipe['reg_lambda']:g} and differentiated back into the LSTM's weights."
+    )
+
+
+def _describe_scale(recipe):
+    # Settings added to the recipe after a release was made count as their defaults.
+    recipe = {**dataclasses.asdict(Recipe()), **recipe}
+    start = f"the `{recipe['init_weights']}` release" if recipe["init_weights"] else "scratch"
+    optimizee = OPTIMIZEE_PHRASES[recipe["optimizee"]].format(**recipe)
+    if recipe["unroll_lengths"] == "exponential":
+        lengths = (
+            f"{recipe['min_unroll_length']} steps plus an exponentially distributed number, "
+            f"{recipe['unroll_length']} on average"
+        )
+    else:
+        lengths = f"{recipe['unroll_length']} steps"
+    text = (
+        "L2O-Scale: the hierarchical RNN optimizer (per-parameter, per-tensor and global GRUs; "
+        f"Wichrowska et al. 2017), meta-trained from {start} on {optimizee}. The meta-loss is "
+        f"{META_OBJECTIVE_PHRASES[recipe['meta_objective']]} over truncated unrolls ({lengths}), "
+        f"minimised by {META_OPTIMIZER_NAMES[recipe['meta_optimizer']]}"
+    )
+    if recipe["imitation_epochs"]:
+        text += f" after {recipe['imitation_epochs']} epoch(s) of imitating Adam"
+    if recipe["curriculum"]:
+        text += (
+            ", with a curriculum of growing horizons "
+            f"({', '.join(str(h) for h in recipe['curriculum'])} optimizee steps)"
+        )
+    if recipe["regularizer"] == "none":
+        return text + ", without flatness regularization."
+    phrase = REGULARIZER_PHRASES[recipe["regularizer"]].format(**recipe)
+    return (
+        text + f". At the end of every truncated unroll, {phrase}, taken at the parameters the "
+        f"update rule produced, is added to the meta-loss with weight lambda = "
+        f"{recipe['reg_lambda']:g} and differentiated back into the RNNs' weights."
     )
 
 
@@ -183,7 +231,9 @@ def calibrate_release(folder, factors, steps, dataset, command, eval_steps=1000,
     recipe = Recipe(
         **{**provenance["recipe"], "step_scales": list(factors), "calibration_steps": steps}
     )
-    task = mnist_tasks(dataset, recipe.meta_activation, recipe.batch_size)
+    task = mnist_tasks(
+        dataset, recipe.meta_activation, recipe.batch_size, optimizee=recipe.optimizee
+    )
     steps = steps or final_validation_steps(recipe)
     seeds = validation_seeds(recipe)
     rule, records = calibrate_step_scale(update_rule, task, steps, seeds, recipe.step_scales)
@@ -225,7 +275,8 @@ def model_card(name, description, architecture, provenance, evaluation):
     recipe = "\n".join(f"- `{k}`: `{json.dumps(v)}`" for k, v in provenance["recipe"].items())
     best = provenance["best_validation"]
     total_epochs = provenance["recipe"]["imitation_epochs"] + provenance["recipe"]["meta_epochs"]
-    preprocess = architecture["preprocess"]
+    optimizee = provenance["recipe"].get("optimizee", "mlp")
+    trained_on = "small MNIST MLPs" if optimizee == "mlp" else "L2O-Scale's small MNIST convnet"
     return f"""# flatopt release `{name}`
 
 {description}
@@ -233,9 +284,7 @@ def model_card(name, description, architecture, provenance, evaluation):
 Use it with `flatopt.LearnedOptimizer(model.parameters(), "{name}")`.
 
 ## Architecture
-Coordinate-wise {architecture['num_layers']}-layer LSTM ({architecture['architecture']}) with
-{architecture['hidden_size']} units per layer, gradient preprocessing `{preprocess['kind']}` with
-p = {preprocess['p']}, output scale {architecture['output_scale']}.
+{_architecture_lines(architecture)}
 
 ## Evaluation (test accuracy after training fresh models with this optimizer alone)
 | optimizee | steps | seeds | test accuracy (mean ± std) |
@@ -259,18 +308,42 @@ Recipe:
 {LICENSE}, like the flatopt code.
 
 ## Limits
-Meta-trained on small MNIST MLPs only; how far it carries to other models is measured by the
+Meta-trained on {trained_on} only; how far it carries to other models is measured by the
 benchmarks, not promised here.
 """
+
+
+def _architecture_lines(architecture):
+    if architecture["architecture"] == "scale":
+        sizes = architecture["hidden_sizes"]
+        return (
+            f"Hierarchical RNN (scale): GRUs of {sizes[0]} units per parameter, {sizes[1]} per "
+            f"tensor and {sizes[2]} for the whole model;\n{architecture['num_timescales']} "
+            "gradient timescales, initial step size "
+            f"exp({architecture['initial_log_lr']:.4g})."
+        )
+    preprocess = architecture["preprocess"]
+    return (
+        f"Coordinate-wise {architecture['num_layers']}-layer LSTM ({architecture['architecture']}) "
+        f"with\n{architecture['hidden_size']} units per layer, gradient preprocessing "
+        f"`{preprocess['kind']}` with\np = {preprocess['p']}, output scale "
+        f"{architecture['output_scale']}."
+    )
 
 
 def _calibration_lines(calibration):
     if calibration is None:
         return ""
     scores = ", ".join(f"{r['scale']:g}: {r['loss']:.4f}" for r in calibration["scores"])
+    if "output_scale" in calibration:
+        what = "the read-out scale was"
+        setting = f"output scale {calibration['output_scale']:g}"
+    else:
+        what = "the step size was"
+        setting = f"step-size offset {calibration['step_size_offset']:.4g}"
     lines = (
-        f"- Step scale: the read-out scale was multiplied by {calibration['chosen']:g} (output "
-        f"scale {calibration['output_scale']:g}), the factor with the lowest validation loss of "
+        f"- Step scale: {what} multiplied by {calibration['chosen']:g} ({setting}), "
+        f"the factor with the lowest validation loss of "
         f"{calibration['optimizee']} after {calibration['steps']} steps on the same held-out "
         f"images, over {len(calibration['seeds'])} seeds (loss by factor: {scores})."
     )

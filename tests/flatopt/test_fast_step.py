@@ -18,6 +18,7 @@ from torch.utils import cpp_extension
 import flatopt
 from flatopt import native_kernel
 from flatopt.fused_step import StepWorkspace
+from tests.flatopt.rule_cases import make_model, train_steps
 
 # Float32 against a float64 forward: the tolerances of test_update_rule's scalar reference.
 RTOL, ATOL = 1e-5, 1e-6
@@ -193,21 +194,6 @@ def test_native_and_torch_implementations_agree(rule):
 
 
 # --- The optimizer on the in-place step -----------------------------------------------------------
-
-
-def make_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-
-
-def train_steps(model, opt, steps, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(8, 6, generator=generator)
-        y = torch.randint(0, 3, (8,), generator=generator)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
 
 
 def test_bfloat16_state_halves_the_memory_and_trains_alike(implementation):

@@ -13,24 +13,11 @@ import torch
 import flatopt
 from tests.flatopt.rule_cases import (
     initial_recurrent_state,
+    make_model,
     recurrent_state,
     states_equal,
+    train_steps,
 )
-
-
-def make_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-
-
-def train_steps(model, opt, steps, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(8, 6, generator=generator)
-        y = torch.randint(0, 3, (8,), generator=generator)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
 
 
 def test_default_weights_are_the_bundled_release():

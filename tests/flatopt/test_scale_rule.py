@@ -10,27 +10,13 @@ import torch
 import flatopt
 from flatopt.scale_rule import scale_features
 from flatopt.weights import CONFIG_FILE
+from tests.flatopt.rule_cases import make_model, train_steps
 
 
 @pytest.fixture
 def rule():
     torch.manual_seed(0)
     return flatopt.ScaleUpdateRule().requires_grad_(False)
-
-
-def make_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-
-
-def train_steps(model, opt, steps, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(8, 6, generator=generator)
-        y = torch.randint(0, 3, (8,), generator=generator)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
 
 
 # --- Features -------------------------------------------------------------------------------------
