@@ -307,7 +307,7 @@ def run_benchmark(
         (optimizee, name, records[name], _learning_rate(results, optimizee, name), seed)
         for optimizee, seed, name in jobs
     ]
-    finished = _run_in_workers(arguments, preset, tasks, workers, progress)
+    finished = _run_in_workers(arguments, preset, tasks, workers, progress, plan["runs"])
     for index, (position, run) in enumerate(finished, 1):
         results["runs"].append(run)
         _save(results, path)
@@ -742,12 +742,14 @@ def _learning_rate(results, optimizee, name):
 # ---- one run -------------------------------------------------------------------------------
 
 
-def _run_in_workers(arguments, preset, tasks, workers, progress):
+def _run_in_workers(arguments, preset, tasks, workers, progress, costs=None):
     """Train each ``(optimizee, optimizer, record, lr, seed)``; yield ``(index, run)`` as done.
 
     With one worker the runs go in order in this process. With more, each worker process loads
     the datasets once and trains whole runs, so a run's numbers do not depend on the worker
-    count; only the machine's load during the timings does.
+    count; only the machine's load during the timings does. Given each run's estimated cost, the
+    workers take the longest runs first, so that no worker is left with a long run at the end
+    while the others idle.
     """
     if workers <= 1:
         for index, (optimizee, name, record, lr, seed) in enumerate(arguments):
@@ -765,7 +767,10 @@ def _run_in_workers(arguments, preset, tasks, workers, progress):
         initializer=_start_worker,
         initargs=(preset, sorted(tasks), torch.get_num_threads()),
     ) as pool:
-        futures = {pool.submit(_worker_train, *job): index for index, job in enumerate(arguments)}
+        order = range(len(arguments))
+        if costs is not None:
+            order = sorted(order, key=lambda index: -costs[index])
+        futures = {pool.submit(_worker_train, *arguments[index]): index for index in order}
         try:
             for future in concurrent.futures.as_completed(futures):
                 yield futures[future], future.result()
