@@ -96,14 +96,7 @@ def describe(name, recipe):
         f"784-20({recipe['meta_activation']})-10 MLP), each stage validated at the next horizon, "
         "and epochs of imitating Adam mixed in"
     )
-    if recipe["regularizer"] == "none":
-        return text + ", without flatness regularization."
-    phrase = REGULARIZER_PHRASES[recipe["regularizer"]].format(**recipe)
-    return (
-        text + f". At the end of every truncated unroll, {phrase}, taken at the parameters the "
-        f"update rule produced, is added to the meta-loss with weight lambda = "
-        f"{recipe['reg_lambda']:g} and differentiated back into the LSTM's weights."
-    )
+    return text + _regularization_sentence(recipe, "the LSTM's weights")
 
 
 def _describe_scale(recipe):
@@ -131,13 +124,18 @@ def _describe_scale(recipe):
             ", with a curriculum of growing horizons "
             f"({', '.join(str(h) for h in recipe['curriculum'])} optimizee steps)"
         )
+    return text + _regularization_sentence(recipe, "the RNNs' weights")
+
+
+def _regularization_sentence(recipe, weights):
+    """How the recipe's flatness regularizer enters the meta-loss, ending a description."""
     if recipe["regularizer"] == "none":
-        return text + ", without flatness regularization."
+        return ", without flatness regularization."
     phrase = REGULARIZER_PHRASES[recipe["regularizer"]].format(**recipe)
     return (
-        text + f". At the end of every truncated unroll, {phrase}, taken at the parameters the "
-        f"update rule produced, is added to the meta-loss with weight lambda = "
-        f"{recipe['reg_lambda']:g} and differentiated back into the RNNs' weights."
+        f". At the end of every truncated unroll, {phrase}, taken at the parameters the update "
+        f"rule produced, is added to the meta-loss with weight lambda = "
+        f"{recipe['reg_lambda']:g} and differentiated back into {weights}."
     )
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import flatopt
+from tests.training.test_scale_training import SCALE
 from training.meta import MetaTrainer, Recipe, lambda_search, meta_unroll, mnist_tasks
 from training.release import export_release
 
@@ -133,12 +134,16 @@ def test_exported_release_loads_with_provenance(tmp_path):
         ("entropy", {"entropy_gamma": 1.0, "entropy_steps": 3}),
     ],
 )
-def test_each_regularizer_reaches_the_update_rule_weights(mnist, tmp_path, regularizer, options):
+@pytest.mark.parametrize("rule", [{}, {**SCALE, "unroll_lengths": "fixed"}], ids=["lstm", "scale"])
+def test_each_regularizer_reaches_the_update_rule_weights(
+    mnist, tmp_path, regularizer, options, rule
+):
+    settings = {"unroll_length": 5, **rule}
     recipe = Recipe(
+        **settings,
         imitation_epochs=0,
         meta_epochs=1,
         meta_unrolls=1,
-        unroll_length=5,
         regularizer=regularizer,
         reg_lambda=1.0,
         **options,
