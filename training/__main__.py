@@ -19,10 +19,32 @@ import torch
 from . import distributed
 from .data import load_dataset
 from .evaluation import evaluate_releases, render
+from .flatness import REGULARIZERS
 from .hub import push_command
-from .meta import MetaTrainer, Recipe, lambda_search
+from .meta import (
+    ARCHITECTURES,
+    META_OBJECTIVES,
+    META_OPTIMIZERS,
+    OPTIMIZEES,
+    UNROLL_LENGTHS,
+    MetaTrainer,
+    Recipe,
+    lambda_search,
+)
+from .optimizees import ACTIVATIONS
 from .plots import plot_log
 from .release import calibrate_release, describe, evaluate_release, export_release, git_commit
+
+# Recipe settings with a fixed set of values, offered as choices by --help.
+RECIPE_CHOICES = {
+    "architecture": ARCHITECTURES,
+    "optimizee": OPTIMIZEES,
+    "meta_optimizer": META_OPTIMIZERS,
+    "meta_objective": META_OBJECTIVES,
+    "unroll_lengths": UNROLL_LENGTHS,
+    "meta_activation": sorted(ACTIVATIONS),
+    "regularizer": ["none", *REGULARIZERS],
+}
 
 
 def positive_int(text):
@@ -93,7 +115,8 @@ def _run(parser, argv):
         "--calibration-steps",
         type=int,
         default=0,
-        help="optimizee steps of each validation run (default: the run's final validation horizon)",
+        help="optimizee steps of each validation run (default, or 0: the run's final validation "
+        "horizon)",
     )
     calibrate.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     calibrate.add_argument("--eval-seeds", type=positive_int, default=3)
@@ -131,7 +154,9 @@ def _run(parser, argv):
     for command in (train, search):
         for recipe_field in dataclasses.fields(Recipe):
             flag = f"--{recipe_field.name.replace('_', '-')}"
-            if recipe_field.type in (int, float, str):
+            if recipe_field.name in RECIPE_CHOICES:
+                command.add_argument(flag, choices=RECIPE_CHOICES[recipe_field.name], default=None)
+            elif recipe_field.type in (int, float, str):
                 command.add_argument(flag, type=recipe_field.type, default=None)
             elif recipe_field.type is list:
                 element = {
@@ -173,7 +198,9 @@ def _run(parser, argv):
         return
     if args.command == "calibrate":
         folder = pathlib.Path(args.release)
-        if not folder.is_dir():
+        if folder.is_file():  # a release's config.json or model.safetensors names its folder
+            folder = folder.parent
+        elif not folder.is_dir():
             folder = pathlib.Path(__file__).resolve().parent.parent / "flatopt/pretrained" / folder
         calibration = calibrate_release(
             folder,

@@ -227,6 +227,22 @@ class Recipe:
         for scale in self.step_scales:
             if not math.isfinite(scale) or scale <= 0:
                 raise ValueError(f"step_scales must be positive numbers, got {self.step_scales}")
+        if self.step_scales and (
+            len(self.step_scales) < 2 or len(set(self.step_scales)) != len(self.step_scales)
+        ):
+            raise ValueError(
+                "step_scales must list at least two different factors to choose from (include 1 "
+                f"to keep the step as meta-trained), got {self.step_scales}"
+            )
+        if self.architecture == "scale":
+            lstm_only = {"hidden_size": 20, "preprocess_p": 10.0, "output_scale": 0.1}
+            changed = [name for name, value in lstm_only.items() if getattr(self, name) != value]
+            if changed:
+                # They would be recorded in the provenance while the rule ignores them.
+                raise ValueError(
+                    f"recipe settings {changed} apply to the LSTM only; leave them at their "
+                    "defaults with architecture 'scale'"
+                )
         for probability in [self.imitation_probability, *self.stage_imitation_probabilities]:
             if not 0.0 <= probability <= 1.0:
                 raise ValueError(f"imitation probabilities must lie in [0, 1], got {probability}")

@@ -214,6 +214,9 @@ def calibrate_release(folder, factors, steps, dataset, command, eval_steps=1000,
     provenance = config.get("provenance") or {}
     if "recipe" not in provenance:
         raise ValueError(f"{folder} records no meta-training recipe to calibrate with")
+    missing = [key for key in ("name", "description") if not isinstance(config.get(key), str)]
+    if missing:
+        raise ValueError(f"{folder}/config.json lacks the release's {' and '.join(missing)}")
     if "step_scale_calibration" in provenance:
         raise ValueError(
             f"{folder} was calibrated already (factor "
@@ -247,6 +250,15 @@ def calibrate_release(folder, factors, steps, dataset, command, eval_steps=1000,
 
 
 def _write_release(update_rule, folder, name, description, provenance, evaluation):
+    # The model card is written beside its final name first, so that a failure (a full disk)
+    # leaves the old release whole rather than new weights with an old card.
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    card = folder / "README.md.tmp"
+    card.write_text(
+        model_card(name, description, update_rule.config(), provenance, evaluation),
+        encoding="utf-8",
+    )
     folder = flatopt.save_release(
         update_rule,
         folder,
@@ -256,10 +268,7 @@ def _write_release(update_rule, folder, name, description, provenance, evaluatio
         provenance=provenance,
         evaluation=evaluation,
     )
-    (folder / "README.md").write_text(
-        model_card(name, description, update_rule.config(), provenance, evaluation),
-        encoding="utf-8",
-    )
+    card.replace(folder / "README.md")
     return folder
 
 

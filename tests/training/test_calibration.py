@@ -138,3 +138,36 @@ def test_warm_start_from_a_calibrated_release_needs_its_read_out_scale(mnist, tm
     trainer = MetaTrainer(matching, mnist, tmp_path / "run", progress=False)
     for name, tensor in rule.state_dict().items():
         assert torch.equal(trainer.update_rule.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("factors", [["0.5"], ["1", "1"]])
+def test_calibration_needs_two_different_factors(tmp_path, capsys, factors):
+    rule, config = flatopt.load_release("dm")
+    metadata = {k: v for k, v in config.items() if k not in ("format_version", "update_rule")}
+    folder = flatopt.save_release(rule, tmp_path / "release", **metadata)
+    before = (folder / "config.json").read_bytes()
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", str(folder / "config.json"), "--step-scales", *factors])
+
+    assert exit_info.value.code == 2
+    assert "at least two different factors" in capsys.readouterr().err
+    assert (folder / "config.json").read_bytes() == before
+
+
+def test_a_release_file_path_names_its_folder(mnist, tmp_path, capsys):
+    rule, config = flatopt.load_release("dm")
+    metadata = {k: v for k, v in config.items() if k not in ("format_version", "update_rule")}
+    folder = flatopt.save_release(rule, tmp_path / "release", **metadata)
+    settings = ["--calibration-steps", "20", "--eval-steps", "10", "--eval-seeds", "1"]
+
+    main(["calibrate", str(folder / "model.safetensors"), "--step-scales", "1", "0.5", *settings])
+
+    assert f"rewrote {folder}" in capsys.readouterr().out
+    assert "step_scale_calibration" in flatopt.load_release(folder)[1]["provenance"]
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_lstm_settings_are_refused_for_the_scale_rule():
+    with pytest.raises(ValueError, match="apply to the LSTM only"):
+        Recipe(architecture="scale", optimizee="scale-cnn", output_scale=0.05)
