@@ -19,6 +19,7 @@ if __name__ == "__main__":  # run by torchrun as a job: the checkout is appended
     sys.path.append(str(ROOT))
 
 from tests.launch import run_job  # noqa: E402
+from tests.training.meta_cases import log_records  # noqa: E402
 from training.meta import MetaTrainer, Recipe  # noqa: E402
 
 # Three optimizees per meta-step over two processes: process 0 unrolls optimizees 0 and 2,
@@ -84,11 +85,6 @@ def torchrun(arguments, cwd):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
     return run_job([*command, "2", *arguments], cwd, TIMEOUT_S, "the launch", env)
-
-
-def log_records(run_dir):
-    lines = (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in lines]
 
 
 def assert_same_tensors(actual, expected, what):

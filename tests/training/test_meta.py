@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flatopt
-from tests.training.test_scale_training import SCALE
+from tests.training.meta_cases import SCALE, assert_resume_matches_straight_run
 from training.meta import MetaTrainer, Recipe, lambda_search, meta_unroll, mnist_tasks
 from training.release import export_release
 
@@ -63,17 +63,7 @@ def test_resumed_run_equals_uninterrupted_run(mnist, tmp_path):
         validation_steps=5,
         validation_seeds=1,
     )
-    straight = MetaTrainer(recipe, mnist, tmp_path / "straight", progress=False)
-    straight.run()
-
-    MetaTrainer(recipe, mnist, tmp_path / "resumed", progress=False).run(until=3)
-    resumed = MetaTrainer(recipe, mnist, tmp_path / "resumed", progress=False)
-    resumed.run()
-
-    assert resumed.epoch == straight.epoch == 4
-    for name, tensor in straight.update_rule.state_dict().items():
-        assert torch.equal(tensor, resumed.update_rule.state_dict()[name]), name
-    assert resumed.best == straight.best
+    assert_resume_matches_straight_run(recipe, mnist, tmp_path, until=3)
 
 
 def test_resume_with_another_recipe_is_refused(mnist, tmp_path):

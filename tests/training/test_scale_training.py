@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import flatopt
+from tests.training.meta_cases import SCALE, assert_resume_matches_straight_run
 from training.meta import (
     MetaTrainer,
     Recipe,
@@ -24,15 +25,6 @@ from training.meta import (
 from training.release import describe, export_release
 
 # The L2O-Scale recipe at test size.
-SCALE = {
-    "architecture": "scale",
-    "optimizee": "scale-cnn",
-    "meta_optimizer": "rmsprop",
-    "meta_objective": "log-loss-ratio",
-    "unroll_lengths": "exponential",
-    "unroll_length": 5,
-    "min_unroll_length": 2,
-}
 
 
 def fixed_unroll_loss(rule, mnist, steps=20):
@@ -177,24 +169,9 @@ def test_resumed_scale_run_equals_uninterrupted_run(mnist, tmp_path):
         validation_steps=5,
         validation_seeds=1,
     )
-    straight = MetaTrainer(recipe, mnist, tmp_path / "straight", progress=False)
-    straight.run()
+    records = assert_resume_matches_straight_run(recipe, mnist, tmp_path, until=2)
 
-    MetaTrainer(recipe, mnist, tmp_path / "resumed", progress=False).run(until=2)
-    resumed = MetaTrainer(recipe, mnist, tmp_path / "resumed", progress=False)
-    resumed.run()
-
-    assert resumed.epoch == straight.epoch == 3
-    for name, tensor in straight.update_rule.state_dict().items():
-        assert torch.equal(tensor, resumed.update_rule.state_dict()[name]), name
-    assert resumed.best == straight.best
-
-    def records(folder):
-        lines = (folder / "log.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in lines]
-
-    assert records(tmp_path / "resumed") == records(tmp_path / "straight")
-    lengths = [r["unroll_lengths"] for r in records(tmp_path / "straight")]
+    lengths = [r["unroll_lengths"] for r in records]
     assert [len(drawn) for drawn in lengths] == [1, 2, 2]
     assert min(min(drawn) for drawn in lengths) >= 2
     assert lengths[1] != lengths[2]  # drawn anew each epoch
