@@ -29,6 +29,7 @@ from .meta import (
     UNROLL_LENGTHS,
     MetaTrainer,
     Recipe,
+    calibration_scores,
     lambda_search,
 )
 from .optimizees import ACTIVATIONS
@@ -211,7 +212,7 @@ def _run(parser, argv):
             args.eval_steps,
             args.eval_seeds,
         )
-        scores = ", ".join(f"{r['scale']:g}: {r['loss']:.4f}" for r in calibration["scores"])
+        scores = calibration_scores(calibration)
         print(f"validation loss after {calibration['steps']} steps by factor: {scores}")
         print(f"kept {calibration['chosen']:g}; rewrote {folder}")
         return

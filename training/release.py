@@ -16,6 +16,7 @@ from .meta import (
     Recipe,
     calibrate_step_scale,
     calibration_record,
+    calibration_scores,
     final_validation_steps,
     mnist_tasks,
     validation_seeds,
@@ -341,7 +342,7 @@ def _architecture_lines(architecture):
 def _calibration_lines(calibration):
     if calibration is None:
         return ""
-    scores = ", ".join(f"{r['scale']:g}: {r['loss']:.4f}" for r in calibration["scores"])
+    scores = calibration_scores(calibration)
     if "output_scale" in calibration:
         what = "the read-out scale was"
         setting = f"output scale {calibration['output_scale']:g}"
