@@ -57,7 +57,7 @@ _PROJECTION_SCALE = 0.5
 _INPUT_DECAY_BIAS = 2.2  # sigmoid(2.2) ~ 0.9
 _SCALE_DECAY_BIAS = 3.2  # sigmoid(3.2) ~ 0.96
 _LR_MOMENTUM_LOGIT = 3.2
-_STEP_SIZE_OFFSET = -1.0
+STEP_SIZE_OFFSET = -1.0
 
 
 class ScaleUpdateRule(nn.Module):
@@ -181,7 +181,7 @@ class ScaleUpdateRule(nn.Module):
             nn.init.normal_(self.control_weight[1:], 0.0, readout_std)
             self.control_bias.copy_(torch.tensor([0.0, _INPUT_DECAY_BIAS, _SCALE_DECAY_BIAS]))
             self.lr_momentum_logit.fill_(_LR_MOMENTUM_LOGIT)
-            self.step_size_offset.fill_(_STEP_SIZE_OFFSET)
+            self.step_size_offset.fill_(STEP_SIZE_OFFSET)
         for init in (self.param_init, self.tensor_init, self.global_init):
             nn.init.uniform_(init, -1.0, 1.0)
 

@@ -220,7 +220,8 @@ def render(results, readme_path, release_root, logs_dir):
             continue
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         shares = gradient_shares(pathlib.Path(logs_dir) / f"{name}.jsonl")
-        compared = [n for n in (name, "dm-cl", "adam") if n in results["optimizers"]]
+        family = (name, unregularized_baseline(name), "dm-cl", "adam")
+        compared = [n for n in dict.fromkeys(family) if n in results["optimizers"]]
         config["held_out_results"] = {
             "settings": results["settings"],
             "machine": results["machine"],
@@ -274,36 +275,41 @@ def comparison_table(results, names):
     return "\n".join(lines)
 
 
-def flatness_verdicts(results, baseline="dm-cl"):
-    """Markdown bullets: per release, where its regularizer helped against ``baseline``.
+def unregularized_baseline(name):
+    """The release of the same update rule and recipe without a regularizer (scale or dm-cl)."""
+    return "scale" if name == "scale" or name.startswith("scale-") else "dm-cl"
 
-    A difference in mean test accuracy counts as help (or harm) only when it exceeds the larger of
-    the two standard deviations over seeds; otherwise it is reported as no clear difference. Each
-    bullet also says how far the release stands from tuned Adam at the first step count.
+
+def flatness_verdicts(results):
+    """Markdown bullets: per release, where its regularizer helped against its baseline.
+
+    A regularized release is compared with :func:`unregularized_baseline` of its name. A difference
+    in mean test accuracy counts as help (or harm) only when it exceeds the larger of the two
+    standard deviations over seeds; otherwise it is reported as no clear difference. Each bullet
+    also says how far the release stands from tuned Adam at the first step count.
     """
     steps = [str(s) for s in results["settings"]["steps"]]
     optimizers = results["optimizers"]
-    if baseline not in optimizers:
+    names = [name for name in optimizers if name != "adam"]
+    if not any(unregularized_baseline(name) in optimizers for name in names):
         return ""
     lead = (
-        f"Against `{baseline}` (same recipe, no regularizer); a difference counts only where it "
-        "exceeds the larger standard deviation over seeds:"
+        "Against the release of the same update rule and recipe without a regularizer (`dm-cl` or "
+        "`scale`); a difference counts only where it exceeds the larger standard deviation over "
+        "seeds:"
     )
     lines = [lead, ""]
-    for name, by_optimizee in optimizers.items():
-        if name == "adam":
-            continue
+    for name in names:
+        baseline = unregularized_baseline(name)
         parts = []
-        for optimizee, result in by_optimizee.items():
-            reference = optimizers[baseline].get(optimizee)
-            if reference is None:
-                continue
+        for optimizee, result in optimizers[name].items():
+            reference = optimizers.get(baseline, {}).get(optimizee)
             verdicts = []
-            for step in steps if name != baseline else ():
-                mine = result["summary"][step]["test_accuracy"]
-                theirs = reference["summary"][step]["test_accuracy"]
-                verdicts.append(f"@{step} {_accuracy_verdict(mine, theirs)}")
-            if name != baseline:
+            if reference is not None and name != baseline:
+                for step in steps:
+                    mine = result["summary"][step]["test_accuracy"]
+                    theirs = reference["summary"][step]["test_accuracy"]
+                    verdicts.append(f"@{step} {_accuracy_verdict(mine, theirs)}")
                 trace = result["summary"][steps[-1]]["hessian_trace"][0]
                 reference_trace = reference["summary"][steps[-1]]["hessian_trace"][0]
                 verdicts.append(f"Hessian trace {trace / reference_trace:.2g}x")
@@ -315,8 +321,10 @@ def flatness_verdicts(results, baseline="dm-cl"):
                 )
                 side = "below" if gap >= 0 else "above"
                 verdicts.append(f"{abs(gap):.2f} points {side} tuned Adam @{steps[0]}")
-            parts.append(f"{optimizee}: " + ", ".join(verdicts))
-        lines.append(f"- `{name}`: " + "; ".join(parts) + ".")
+            if verdicts:
+                parts.append(f"{optimizee}: " + ", ".join(verdicts))
+        against = f" (against `{baseline}`)" if name != baseline else ""
+        lines.append(f"- `{name}`{against}: " + "; ".join(parts) + ".")
     return "\n".join(lines)
 
 
@@ -355,8 +363,10 @@ def differences_from_paper(recipe, shares):
         )
     regularizer = recipe["regularizer"]
     paper_lambdas = SCALE_PAPER_LAMBDAS if scale else PAPER_LAMBDAS
-    if regularizer in paper_lambdas:
-        share = f" (its gradient averaged {shares['mean']:.3g} times the loss's)" if shares else ""
+    share = f" (its gradient averaged {shares['mean']:.3g} times the loss's)" if shares else ""
+    if regularizer in paper_lambdas and recipe["reg_lambda"] == paper_lambdas[regularizer]:
+        points.append(f"Regularizer weight lambda = {recipe['reg_lambda']:g}, the paper's{share}.")
+    elif regularizer in paper_lambdas:
         points.append(
             f"Regularizer weight lambda = {recipe['reg_lambda']:g}{share} instead of the paper's "
             f"{paper_lambdas[regularizer]:g}, chosen by a search where the regularizer's share "
@@ -370,6 +380,16 @@ def differences_from_paper(recipe, shares):
             + ", ".join(f"{f:g}" for f in recipe["step_scales"])
             + " with the best validation loss on the meta-training optimizee's held-out images "
             "(see How it was made); the paper keeps the step as meta-trained."
+        )
+    rule = flatopt.scale_rule
+    initial_log_lr = recipe.get("initial_log_lr", rule.INITIAL_LOG_LR)
+    if scale and initial_log_lr != rule.INITIAL_LOG_LR:
+        start = math.exp(initial_log_lr + rule.STEP_SIZE_OFFSET)
+        original = math.exp(rule.INITIAL_LOG_LR + rule.STEP_SIZE_OFFSET)
+        points.append(
+            f"Every coordinate's step size starts at {start:.2g} (initial log step size "
+            f"{initial_log_lr:g}, learned offset starting at {rule.STEP_SIZE_OFFSET:g}), where the "
+            f"original draws it at random around {original:.2g}."
         )
     if scale:
         points.append(
@@ -394,10 +414,13 @@ def differences_from_paper(recipe, shares):
 def card_section(results, name, compared, shares, recipe):
     """The model card's held-out comparison section for release ``name``."""
     lines = ["## Held-out comparison", ""]
+    baseline = unregularized_baseline(name)
+    others = [f"`{n}`" for n in compared if n not in (name, "adam")]
     lines.append(
-        "Fresh models trained on the whole MNIST training set with this release, the `dm-cl` "
-        "baseline (no flatness regularizer) and Adam with its learning rate tuned on a validation "
-        "split (grid "
+        "Fresh models trained on the whole MNIST training set with this release, "
+        + (f"{' and '.join(others)} " if others else "")
+        + f"(`{baseline}` has no flatness regularizer) and Adam with its learning rate tuned on a "
+        "validation split (grid "
         + ", ".join(results["settings"]["adam_grid"])
         + "; chosen: "
         + ", ".join(f"{o} {a['lr']:g}" for o, a in results["adam"].items())
@@ -408,7 +431,8 @@ def card_section(results, name, compared, shares, recipe):
     if shares:
         lines.append("")
         lines.append(
-            "During meta-training the regularizer's gradient in the LSTM weights had a norm of "
+            "During meta-training the regularizer's gradient in the update rule's weights had a "
+            "norm of "
             f"{shares['mean']:.3g} times the meta-loss's (mean over {shares['epochs']} epochs; "
             f"range {shares['min']:.3g} to {shares['max']:.3g})."
         )

@@ -61,6 +61,9 @@ class Recipe:
         hidden_size: LSTM units per layer (LSTM only).
         preprocess_p: Gradient preprocessing constant (LSTM only).
         output_scale: Fixed factor on the update rule's read-out (LSTM only).
+        initial_log_lr: Log step size every coordinate starts from (hierarchical RNN only; its
+            step is ``exp(log_lr + offset)`` with a learned offset that starts at -1). The
+            original's ``log(1e-4)`` is the default.
         optimizee: The MNIST model meta-trained on: ``"mlp"`` (784-20-10, with the activations
             below) or ``"scale-cnn"`` (:func:`training.optimizees.scale_cnn`, always ReLU, so the
             activation settings do not apply).
@@ -129,6 +132,7 @@ class Recipe:
     hidden_size: int = 20
     preprocess_p: float = 10.0
     output_scale: float = 0.1
+    initial_log_lr: float = flatopt.scale_rule.INITIAL_LOG_LR
     batch_size: int = 128
     unroll_length: int = 20
     imitation_epochs: int = 60
@@ -243,6 +247,18 @@ class Recipe:
                     f"recipe settings {changed} apply to the LSTM only; leave them at their "
                     "defaults with architecture 'scale'"
                 )
+        elif self.initial_log_lr != flatopt.scale_rule.INITIAL_LOG_LR:
+            raise ValueError(
+                "recipe setting initial_log_lr applies to the hierarchical RNN only; leave it at "
+                "its default with architecture 'lstm'"
+            )
+        if not (
+            flatopt.scale_rule.MIN_LOG_LR <= self.initial_log_lr <= flatopt.scale_rule.MAX_LOG_LR
+        ):
+            raise ValueError(
+                f"recipe setting initial_log_lr must lie in [{flatopt.scale_rule.MIN_LOG_LR}, "
+                f"{flatopt.scale_rule.MAX_LOG_LR}], got {self.initial_log_lr}"
+            )
         for probability in [self.imitation_probability, *self.stage_imitation_probabilities]:
             if not 0.0 <= probability <= 1.0:
                 raise ValueError(f"imitation probabilities must lie in [0, 1], got {probability}")
@@ -330,7 +346,7 @@ def mnist_tasks(dataset, activation, batch_size, validation_size=10000, optimize
 def new_update_rule(recipe):
     """A freshly initialised update rule of the recipe's architecture (drawn from torch's RNG)."""
     if recipe.architecture == "scale":
-        return flatopt.ScaleUpdateRule()
+        return flatopt.ScaleUpdateRule(initial_log_lr=recipe.initial_log_lr)
     return flatopt.LSTMUpdateRule(recipe.hidden_size, recipe.preprocess_p, recipe.output_scale)
 
 

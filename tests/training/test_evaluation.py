@@ -1,5 +1,6 @@
 """Release evaluation against tuned Adam, and the model cards and README table made from it."""
 
+import dataclasses
 import json
 import shutil
 
@@ -9,10 +10,12 @@ import flatopt
 from training.evaluation import (
     TABLE_END,
     TABLE_START,
+    differences_from_paper,
     evaluate_releases,
     flatness_verdicts,
     render,
 )
+from training.meta import Recipe
 
 SMALL = dict(steps=(10, 20), seeds=2, adam_lrs=(1e-3, 1e-2), probes=2, progress=None)
 
@@ -124,3 +127,53 @@ def test_flatness_verdicts_count_only_differences_beyond_the_spread():
     assert "5.00 points below tuned Adam @1000" in lines["worse"]
     assert lines["dm-cl"] == "- `dm-cl`: mlp-relu: 2.00 points below tuned Adam @1000."
     assert "1.00 points above tuned Adam @1000" in lines["ahead"]
+
+
+def test_scale_releases_are_judged_against_the_unregularized_scale_release():
+    results = _fake_results(
+        {
+            "adam": ([0.95, 0.002], 10.0),
+            "dm-cl": ([0.90, 0.002], 20.0),
+            "scale": ([0.94, 0.002], 10.0),
+            "scale-hessian-trace": ([0.93, 0.002], 5.0),
+        }
+    )
+
+    text = flatness_verdicts(results)
+
+    lines = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("- `")}
+    regularized = lines["scale-hessian-trace"]
+    assert "(against `scale`)" in regularized
+    assert "worse by 1.00 points" in regularized  # not "better by 3.00", as against dm-cl
+    assert "Hessian trace 0.5x" in regularized
+    assert lines["scale"] == "- `scale`: mlp-relu: 1.00 points below tuned Adam @1000."
+
+
+def test_a_scale_recipe_names_its_departures_from_the_paper():
+    recipe = Recipe(
+        architecture="scale",
+        optimizee="scale-cnn",
+        meta_optimizer="rmsprop",
+        meta_objective="log-loss-ratio",
+        regularizer="hessian-trace",
+        reg_lambda=5e-5,
+        initial_log_lr=-5.9078,
+    )
+    shares = {"mean": 0.02, "min": 0.01, "max": 0.04, "epochs": 3}
+
+    text = differences_from_paper(dataclasses.asdict(recipe), shares)
+
+    assert "lambda = 5e-05, the paper's (its gradient averaged 0.02 times" in text
+    assert "chosen by a search" not in text
+    assert "step size starts at 0.001 (initial log step size -5.9078" in text
+    assert "around 3.7e-05" in text
+    assert "meta-trains on an ensemble of small problems" in text
+
+    searched = dataclasses.asdict(dataclasses.replace(recipe, reg_lambda=1e-3))
+    assert "instead of the paper's 5e-05, chosen by a search" in differences_from_paper(
+        searched, shares
+    )
+    default_start = dataclasses.asdict(
+        dataclasses.replace(recipe, initial_log_lr=flatopt.scale_rule.INITIAL_LOG_LR)
+    )
+    assert "step size starts at" not in differences_from_paper(default_start, shares)

@@ -185,6 +185,13 @@ def test_the_recipe_chooses_the_update_rule_and_meta_optimizer(mnist, tmp_path):
     assert scale.meta_optimizer.defaults["alpha"] == 0.9
     assert isinstance(scale.best_update_rule(), flatopt.ScaleUpdateRule)
 
+    started = MetaTrainer(
+        Recipe(**SCALE, initial_log_lr=-6.5), mnist, tmp_path / "started", progress=False
+    )
+    assert started.update_rule.config()["initial_log_lr"] == -6.5
+    first = started.update_rule.initial_state(3)
+    assert torch.all(first["coordinate_state"][:, -3] == -6.5)  # (..., log_lr, two decays)
+
     default = MetaTrainer(Recipe(), mnist, tmp_path / "default", progress=False)
     assert isinstance(default.update_rule, flatopt.LSTMUpdateRule)
     assert isinstance(default.meta_optimizer, torch.optim.Adam)
@@ -203,6 +210,9 @@ def test_the_recipe_chooses_the_update_rule_and_meta_optimizer(mnist, tmp_path):
             {"unroll_lengths": "exponential", "unroll_length": 5, "min_unroll_length": 6},
             "exceeds the mean unroll_length",
         ),
+        ({"initial_log_lr": -6.0}, "hierarchical RNN only"),
+        ({**SCALE, "initial_log_lr": 40.0}, "initial_log_lr must lie in"),
+        ({**SCALE, "initial_log_lr": math.nan}, "initial_log_lr must lie in"),
     ],
 )
 def test_bad_scale_settings_are_refused(settings, message):
