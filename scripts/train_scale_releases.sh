@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Meta-train the L2O-Scale releases on this machine, all four at once (one CPU thread each; on two
+# Meta-train the L2O-Scale releases on this machine, all five at once (one CPU thread each; on two
 # cores each gets about half of one). Every run starts from the same freshly initialised update
 # rule (seed 0) with the step size of every coordinate at 1e-3 (log 1e-3 + 1, the learned offset
 # starting at -1), and only the regularizer differs.
@@ -21,6 +21,7 @@ declare -A EXTRA=(
   [scale-hessian-trace]="--regularizer hessian-trace --reg-lambda 5e-5"
   [scale-hessian-ev]="--regularizer hessian-ev --reg-lambda 5e-5"
   [scale-jacobian-trace]="--regularizer jacobian-trace --reg-lambda 5e-5"
+  [scale-entropy]="--regularizer entropy --reg-lambda 1e3"
 )
 
 train() {
@@ -34,7 +35,7 @@ train() {
 mkdir -p runs
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
-  names=(scale scale-hessian-trace scale-hessian-ev scale-jacobian-trace)
+  names=(scale scale-hessian-trace scale-hessian-ev scale-jacobian-trace scale-entropy)
 fi
 for name in "${names[@]}"; do train "$name" & done
 wait

@@ -327,8 +327,8 @@ def _architecture_lines(architecture):
         return (
             f"Hierarchical RNN (scale): GRUs of {sizes[0]} units per parameter, {sizes[1]} per "
             f"tensor and {sizes[2]} for the whole model;\n{architecture['num_timescales']} "
-            "gradient timescales, initial step size "
-            f"exp({architecture['initial_log_lr']:.4g})."
+            f"gradient timescales, initial log step size {architecture['initial_log_lr']:.4g} (a "
+            "coordinate's step is exp(log step size + a learned offset))."
         )
     preprocess = architecture["preprocess"]
     return (

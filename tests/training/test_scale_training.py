@@ -287,6 +287,7 @@ def test_exported_scale_release_loads_and_describes_itself(tmp_path):
     assert "RMSProp" in description and "log ratio" in description and "convnet" in description
     card = (folder / "README.md").read_text()
     assert "Hierarchical RNN (scale)" in card and "small MNIST convnet" in card
+    assert f"initial log step size {math.log(1e-4):.4g} (a coordinate's step is exp(" in card
 
 
 def test_a_checkpoint_without_the_scale_settings_resumes(mnist, tmp_path):
