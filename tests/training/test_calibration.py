@@ -111,6 +111,44 @@ def test_calibrate_command_rewrites_a_release_once(mnist, tmp_path, capsys):
     assert (folder / "config.json").read_bytes() == before
 
 
+def test_calibrate_command_moves_a_scale_release_step_size_offset(mnist, tmp_path, capsys):
+    shipped, config = flatopt.load_release("scale")
+    assert "step_scale_calibration" in config["provenance"]  # calibrated when it was made
+    recipe = {**config["provenance"]["recipe"], "step_scales": [], "calibration_steps": 0}
+    torch.manual_seed(0)
+    rule = flatopt.ScaleUpdateRule.from_config(shipped.config())
+    validation = {"loss": 1.0, "accuracy": 0.5, "epoch": 1, "phase": "meta", "steps": 200}
+    folder = export_release(
+        rule,
+        tmp_path / "release",
+        "trial-scale",
+        recipe,
+        "python -m training train --name trial-scale --architecture scale",
+        "0" * 40,
+        1.0,
+        validation,
+        {},
+        "A trial Scale release.",
+    )
+    settings = ["--calibration-steps", "20", "--eval-steps", "10", "--eval-seeds", "1"]
+
+    main(["calibrate", str(folder), "--step-scales", str(TINY), "1", *settings])
+
+    assert "kept 1;" in capsys.readouterr().out
+    calibrated, config = flatopt.load_release(folder)
+    calibration = config["provenance"]["step_scale_calibration"]
+    assert calibration["chosen"] == 1.0
+    assert calibration["optimizee"] == "mnist-scale-cnn"  # the Scale recipe's own optimizee
+    assert "Step scale: the step size was multiplied by 1" in (folder / "README.md").read_text()
+    for name, tensor in rule.state_dict().items():
+        assert torch.equal(calibrated.state_dict()[name], tensor), name
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", str(folder), "--step-scales", "1", "2", *settings])
+    assert exit_info.value.code == 2
+    assert "calibrated already" in capsys.readouterr().err
+
+
 def test_calibrate_command_refuses_bad_input_before_any_work(tmp_path, capsys):
     rule, config = flatopt.load_release("dm")
     bare = flatopt.save_release(rule, tmp_path / "bare", name="bare")
