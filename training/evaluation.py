@@ -415,12 +415,18 @@ def card_section(results, name, compared, shares, recipe):
     """The model card's held-out comparison section for release ``name``."""
     lines = ["## Held-out comparison", ""]
     baseline = unregularized_baseline(name)
-    others = [f"`{n}`" for n in compared if n not in (name, "adam")]
+    glosses = {name: "", baseline: " (its recipe without the flatness regularizer)"}
+    if name == baseline:
+        glosses[name] = " (no flatness regularizer)"
+    trained_with = [
+        ("this release" if n == name else f"`{n}`") + glosses.get(n, "")
+        for n in compared
+        if n != "adam"
+    ]
     lines.append(
-        "Fresh models trained on the whole MNIST training set with this release, "
-        + (f"{' and '.join(others)} " if others else "")
-        + f"(`{baseline}` has no flatness regularizer) and Adam with its learning rate tuned on a "
-        "validation split (grid "
+        "Fresh models trained on the whole MNIST training set with "
+        + ", ".join(trained_with)
+        + " and Adam with its learning rate tuned on a validation split (grid "
         + ", ".join(results["settings"]["adam_grid"])
         + "; chosen: "
         + ", ".join(f"{o} {a['lr']:g}" for o, a in results["adam"].items())

@@ -10,6 +10,7 @@ import flatopt
 from training.evaluation import (
     TABLE_END,
     TABLE_START,
+    card_section,
     differences_from_paper,
     evaluate_releases,
     flatness_verdicts,
@@ -147,6 +148,25 @@ def test_scale_releases_are_judged_against_the_unregularized_scale_release():
     assert "worse by 1.00 points" in regularized  # not "better by 3.00", as against dm-cl
     assert "Hessian trace 0.5x" in regularized
     assert lines["scale"] == "- `scale`: mlp-relu: 1.00 points below tuned Adam @1000."
+
+    results["settings"].update(
+        seeds=3, adam_grid=["0.01"], hessian_trace="Hutchinson", train_loss="10 images"
+    )
+    results.update(adam={"mlp-relu": {"lr": 0.01}}, machine="a test machine")
+    recipe = dataclasses.asdict(Recipe(architecture="scale", optimizee="scale-cnn"))
+    card = card_section(
+        results,
+        "scale-hessian-trace",
+        ["scale-hessian-trace", "scale", "dm-cl", "adam"],
+        None,
+        recipe,
+    )
+    assert (
+        "with this release, `scale` (its recipe without the flatness regularizer), `dm-cl` and Adam"
+        in card
+    )
+    card = card_section(results, "scale", ["scale", "dm-cl", "adam"], None, recipe)
+    assert "with this release (no flatness regularizer), `dm-cl` and Adam" in card
 
 
 def test_a_scale_recipe_names_its_departures_from_the_paper():
