@@ -274,9 +274,11 @@ def limits(results):
             else f"this run's {steps} steps stay within them; longer runs (the paper preset's "
             "10,000 steps) go beyond"
         )
+        shortest = min(horizons.values())
+        span = f"{shortest}" if shortest == longest else f"{shortest} to {longest}"
         items.append(
-            f"**Horizon.** The learned optimizers were meta-trained on horizons of up to 500 to "
-            f"1000 steps (longest meta-training trajectory by their recipes: {listed} steps); "
+            f"**Horizon.** The learned optimizers' recipes meta-train on trajectories of up to "
+            f"{span} steps (longest meta-training trajectory by each recipe: {listed} steps); "
             f"{verdict}."
         )
     optimizees = results["optimizees"]

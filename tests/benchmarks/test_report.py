@@ -195,6 +195,12 @@ def test_header_and_limits_state_where_the_numbers_come_from_and_what_they_miss(
     assert "x86_64, 2 CPUs, torch threads: 2" in report
     limits = report.split("## Limits")[1]
     assert "dm 500" in limits and "stay within them" in limits
+    assert "trajectories of up to 500 steps" in limits
+
+    results = recorded_results()
+    results["optimizers"]["scale"] = {**results["optimizers"]["dm"], "meta_training_horizon": 100}
+    limits = render_report(results).split("## Limits")[1]
+    assert "trajectories of up to 100 to 500 steps" in limits and "scale 100" in limits
     assert "ResNet-20 is the only optimizee with batch norm" in limits
     assert "mlp-relu 15,910, conv-mnist 18,122" in limits
     assert "**Data skipped.** conv-cifar: CIFAR-10 is not available" in limits
