@@ -19,19 +19,14 @@ declare -A EXTRA=(
   [dm-cl-entropy]="--regularizer entropy --reg-lambda 1e4"
 )
 
-train() {
-  local name=$1
-  # shellcheck disable=SC2086
-  .venv/bin/python -m training train --name "$name" "${COMMON[@]}" ${EXTRA[$name]} \
-    > "runs/$name.out" 2>&1
-  cp "runs/$name/log.jsonl" "training/logs/$name.jsonl"
-}
+# shellcheck source=scripts/release_run.sh
+source scripts/release_run.sh
 
 mkdir -p runs
 if [ $# -gt 0 ]; then
-  for name in "$@"; do train "$name"; done
+  for name in "$@"; do train_release "$name"; done
   exit 0
 fi
-(train dm-cl; train dm-cl-jacobian-trace; train dm-cl-entropy) &
-(train dm-cl-hessian-trace; train dm-cl-hessian-ev) &
+(train_release dm-cl; train_release dm-cl-jacobian-trace; train_release dm-cl-entropy) &
+(train_release dm-cl-hessian-trace; train_release dm-cl-hessian-ev) &
 wait

@@ -24,18 +24,13 @@ declare -A EXTRA=(
   [scale-entropy]="--regularizer entropy --reg-lambda 1e3"
 )
 
-train() {
-  local name=$1
-  # shellcheck disable=SC2086
-  .venv/bin/python -m training train --name "$name" "${COMMON[@]}" ${EXTRA[$name]} \
-    > "runs/$name.out" 2>&1
-  cp "runs/$name/log.jsonl" "training/logs/$name.jsonl"
-}
+# shellcheck source=scripts/release_run.sh
+source scripts/release_run.sh
 
 mkdir -p runs
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
   names=(scale scale-hessian-trace scale-hessian-ev scale-jacobian-trace scale-entropy)
 fi
-for name in "${names[@]}"; do train "$name" & done
+for name in "${names[@]}"; do train_release "$name" & done
 wait

@@ -22,6 +22,16 @@ from training.release import export_release
 TINY = 1e-3
 
 
+def _uncalibrated_release(rule, config, folder, name):
+    """Export ``rule`` as release ``name`` with ``config``'s recipe and no calibration."""
+    recipe = {**config["provenance"]["recipe"], "step_scales": [], "calibration_steps": 0}
+    validation = {"loss": 1.0, "accuracy": 0.5, "epoch": 1, "phase": "meta", "steps": 500}
+    command = f"python -m training train --name {name}"
+    return export_release(
+        rule, folder, name, recipe, command, "0" * 40, 1.0, validation, {}, "A trial release."
+    )
+
+
 def test_the_factor_with_the_lowest_validation_loss_is_kept(mnist):
     rule, _ = flatopt.load_release("dm")
     task = mnist_tasks(mnist, "sigmoid", 128)
@@ -70,20 +80,7 @@ def test_the_trainer_calibrates_at_the_end_and_logs_it(mnist, tmp_path):
 
 def test_calibrate_command_rewrites_a_release_once(mnist, tmp_path, capsys):
     rule, config = flatopt.load_release("dm")
-    recipe = {**config["provenance"]["recipe"], "step_scales": [], "calibration_steps": 0}
-    validation = {"loss": 1.0, "accuracy": 0.5, "epoch": 1, "phase": "meta", "steps": 500}
-    folder = export_release(
-        rule,
-        tmp_path / "release",
-        "trial",
-        recipe,
-        "python -m training train --name trial",
-        "0" * 40,
-        1.0,
-        validation,
-        {},
-        "A trial release.",
-    )
+    folder = _uncalibrated_release(rule, config, tmp_path / "release", "trial")
     command = ["calibrate", str(folder), "--step-scales", "1", str(TINY)]
     settings = ["--calibration-steps", "30", "--eval-steps", "10", "--eval-seeds", "1"]
     main([*command, *settings])
@@ -114,22 +111,9 @@ def test_calibrate_command_rewrites_a_release_once(mnist, tmp_path, capsys):
 def test_calibrate_command_moves_a_scale_release_step_size_offset(mnist, tmp_path, capsys):
     shipped, config = flatopt.load_release("scale")
     assert "step_scale_calibration" in config["provenance"]  # calibrated when it was made
-    recipe = {**config["provenance"]["recipe"], "step_scales": [], "calibration_steps": 0}
     torch.manual_seed(0)
     rule = flatopt.ScaleUpdateRule.from_config(shipped.config())
-    validation = {"loss": 1.0, "accuracy": 0.5, "epoch": 1, "phase": "meta", "steps": 200}
-    folder = export_release(
-        rule,
-        tmp_path / "release",
-        "trial-scale",
-        recipe,
-        "python -m training train --name trial-scale --architecture scale",
-        "0" * 40,
-        1.0,
-        validation,
-        {},
-        "A trial Scale release.",
-    )
+    folder = _uncalibrated_release(rule, config, tmp_path / "release", "trial-scale")
     settings = ["--calibration-steps", "20", "--eval-steps", "10", "--eval-seeds", "1"]
 
     main(["calibrate", str(folder), "--step-scales", str(TINY), "1", *settings])
