@@ -354,15 +354,11 @@ def _header(results):
             f"{machine['processor']}, {machine.get('cpu_count', '?')} CPUs, torch threads: "
             f"{machine['cpu_threads']}, {machine['platform']}"
             + (f", {machine['cuda']}" if machine.get("cuda") else "")
-            + (
-                f", {session['workers']} runs at once in separate processes"
-                if session.get("workers", 1) > 1
-                else ""
-            )
         )
         if described not in machines:
             machines.append(described)
         dates.append(session["started"][:10])
+    loads = [session.get("workers", 1) for session in sessions]
     versions = sorted({f"torch {s['torch']}, flatopt {s['flatopt']}" for s in sessions})
     rows = [
         ("preset", preset),
@@ -372,14 +368,32 @@ def _header(results):
             + str(settings["eval_every"]),
         ),
         ("seeds", ", ".join(str(s) for s in sorted({r["seed"] for r in results["runs"]})) or _NONE),
-        ("machine", "; ".join(machines) or _NONE),
+        (
+            "machine",
+            "; ".join(machines) + _runs_at_once(set(loads)) if machines else _NONE,
+        ),
         ("commit", "; ".join(commits) or _NONE),
         ("date", " to ".join(sorted({dates[0], dates[-1]})) if dates else _NONE),
         ("software", "; ".join(versions) or _NONE),
     ]
     if len(machines) > 1:
         rows.append(("note", "runs were measured on different machines: time ratios mix them"))
+    elif len(set(loads)) > 1:
+        rows.append(
+            (
+                "note",
+                f"runs were measured in {len(sessions)} sessions with "
+                + ", ".join(str(n) for n in loads)
+                + " runs at once: time ratios across sessions saw different loads",
+            )
+        )
     return "| | |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows)
+
+
+def _runs_at_once(loads):
+    if len(loads) != 1 or max(loads) == 1:
+        return ""
+    return f", {max(loads)} runs at once in separate processes"
 
 
 def _accuracy_intro(results):

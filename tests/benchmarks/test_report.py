@@ -201,9 +201,29 @@ def test_header_and_limits_state_where_the_numbers_come_from_and_what_they_miss(
     results["optimizers"]["scale"] = {**results["optimizers"]["dm"], "meta_training_horizon": 100}
     limits = render_report(results).split("## Limits")[1]
     assert "trajectories of up to 100 to 500 steps" in limits and "scale 100" in limits
+
     assert "ResNet-20 is the only optimizee with batch norm" in limits
     assert "mlp-relu 15,910, conv-mnist 18,122" in limits
     assert "**Data skipped.** conv-cifar: CIFAR-10 is not available" in limits
+
+
+def test_sessions_with_different_loads_are_flagged_in_the_header():
+    results = recorded_results()
+    first = results["sessions"][0]
+    results["sessions"] = [{**first, "workers": 2}, {**first, "workers": 2}]
+    header = render_report(results).split("![")[0]
+    assert "Linux-test, 2 runs at once in separate processes |" in header
+    assert "| note |" not in header
+
+    results["sessions"].append({**first, "workers": 1})
+    header = render_report(results).split("![")[0]
+    assert "| machine | x86_64, 2 CPUs, torch threads: 2, Linux-test |" in header
+    assert "measured in 3 sessions with 2, 2, 1 runs at once" in header
+    assert "different machines" not in header
+
+    other = {**first, "machine": {**first["machine"], "processor": "arm64"}}
+    results["sessions"].append(other)
+    assert "runs were measured on different machines" in render_report(results)
 
 
 def test_report_command_regenerates_the_report_from_json(tmp_path, capsys):
