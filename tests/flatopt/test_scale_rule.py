@@ -304,3 +304,23 @@ def test_release_with_mismatched_tensors_is_refused(rule, tmp_path):
     (folder / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(ValueError, match="has shape"):
         flatopt.load_release(folder)
+
+
+def test_an_overflowing_finite_gradient_leaves_the_global_state_finite():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = flatopt.LearnedOptimizer(model.parameters(), flatopt.ScaleUpdateRule())
+    model(torch.randn(8, 4)).sum().backward()
+    model.weight.grad[0, 0] = 1e30  # finite, but its square overflows float32
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    assert torch.isfinite(opt.state["global_state"]["hidden"]).all()
+
+    bias = model.bias.detach().clone()
+    opt.zero_grad()
+    model(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    assert not torch.equal(model.bias, bias)  # healthy gradients step again
+    flatopt.LearnedOptimizer(model.parameters(), flatopt.ScaleUpdateRule()).load_state_dict(
+        opt.state_dict()
+    )
