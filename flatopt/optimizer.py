@@ -402,12 +402,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for item in work:
             for grad, new_state, ok in zip(item.grads, item.new_states, item.good):
                 if grad.numel() > 0:  # an empty tensor has no hidden state of its own to pass up
-                    # A skipped tensor's new state may hold NaN (e.g. an overflowing finite
-                    # gradient); zero it, since a zero weight times NaN would still be NaN.
-                    state = new_state["tensor_state"].to(device)
-                    ok = ok.to(device)
-                    tensor_states.append(torch.where(ok, state, torch.zeros_like(state)))
-                    weights.append(ok.to(torch.float32))
+                    tensor_states.append(new_state["tensor_state"].to(device))
+                    weights.append(ok.to(device, torch.float32))
         rule = self.update_rule.to(device)
         # Only the tensors updated in this step feed the global GRU; with none, it keeps its state.
         hidden = rule.global_step(self._global_state(rule, device), tensor_states, weights)

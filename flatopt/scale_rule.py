@@ -337,7 +337,9 @@ class ScaleUpdateRule(nn.Module):
         Args:
             global_state: Its hidden state, shape ``(H2,)``.
             tensor_states: The tensors' new hidden states, each ``(H1,)``.
-            weights: Matching 0-dim float weights: 1 for a tensor updated this step, else 0.
+            weights: Matching 0-dim float weights: 1 for a tensor updated this step, else 0. A
+                zero-weighted state is left out entirely, even if it is not finite (a skipped
+                tensor's overflowed state).
 
         Returns:
             The next global hidden state; the current one where no weight is positive.
@@ -347,6 +349,8 @@ class ScaleUpdateRule(nn.Module):
         stacked = torch.stack(list(tensor_states))  # (T, H1)
         weights = torch.stack(list(weights)).to(stacked)  # (T,)
         total = weights.sum()
+        # Masked rather than only multiplied: a zero weight times NaN would still be NaN.
+        stacked = torch.where(weights.unsqueeze(1) > 0, stacked, torch.zeros_like(stacked))
         average = (weights.unsqueeze(1) * stacked).sum(0) / total.clamp_min(1.0)
         advanced = self.global_cell(average.unsqueeze(0), global_state.unsqueeze(0)).squeeze(0)
         return torch.where(total > 0, advanced, global_state)

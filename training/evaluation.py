@@ -415,9 +415,11 @@ def card_section(results, name, compared, shares, recipe):
     """The model card's held-out comparison section for release ``name``."""
     lines = ["## Held-out comparison", ""]
     baseline = unregularized_baseline(name)
-    glosses = {name: "", baseline: " (its recipe without the flatness regularizer)"}
-    if name == baseline:
-        glosses[name] = " (no flatness regularizer)"
+    glosses = {
+        baseline: " (no flatness regularizer)"
+        if name == baseline
+        else " (its recipe without the flatness regularizer)"
+    }
     trained_with = [
         ("this release" if n == name else f"`{n}`") + glosses.get(n, "")
         for n in compared
