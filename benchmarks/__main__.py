@@ -13,6 +13,8 @@ import dataclasses
 import json
 import os
 import pathlib
+import shlex
+import sys
 import textwrap
 
 import torch
@@ -177,6 +179,8 @@ def _run(parser, argv):
             naive_max_size=args.naive_max_size,
             models=args.models,
         )
+        given = sys.argv[1:] if argv is None else argv
+        report["command"] = shlex.join(["python", "-m", "benchmarks", *given])
         if args.accuracy_steps > 0 or args.meta:
             dataset = load_dataset("mnist")
         if args.accuracy_steps > 0:

@@ -19,8 +19,8 @@ The compute floor is the step's matrix products alone, done by BLAS on chunks of
 Whole training iterations (forward, backward, step) of the models in :data:`MODELS` at batch 128,
 on random inputs, put the step in context.
 
-Times are medians over ``repeats`` calls after one warm-up call, measured side by side in one
-process: only their ratios carry over to other machines. See :data:`METHOD` for the memory
+Times are medians over ``repeats`` rounds after one warm-up round, each round timing every
+variant of a row once in turn, in one process: only their ratios carry over to other machines. See :data:`METHOD` for the memory
 figures.
 
 Two further measurements go with the table: what bfloat16 recurrent state does to test accuracy
@@ -57,7 +57,10 @@ MODELS = {
 }
 DEFAULT_MODELS = tuple(MODELS)
 METHOD = {
-    "time": "median wall time over the repeats, after one warm-up call, in one process",
+    "time": (
+        "median wall time over the repeats, after one warm-up call, in one process; each repeat "
+        "times every variant of a row once, in turn"
+    ),
     "peak_extra_memory": (
         "largest total of CPU tensor allocations alive at once during one step, beyond those "
         "alive before it, from torch.profiler.profile(profile_memory=True) after a warm-up step; "
@@ -76,15 +79,39 @@ STEP_COLUMNS = {
 }
 
 
-def median_time(function, repeats):
-    """Median wall time in seconds of ``function()`` over ``repeats`` calls, after one warm-up."""
-    function()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def interleaved_median_times(functions, repeats):
+    """Median of each function's times from :func:`interleaved_samples`.
+
+    Returns:
+        Name -> median seconds.
+    """
+    samples = interleaved_samples(functions, repeats)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def interleaved_samples(functions, repeats):
+    """Wall times in seconds of each function over ``repeats`` rounds, after one warm-up round.
+
+    Each round calls every function once, in the given order, so that a machine whose speed drifts
+    during the measurement (other tenants, clock changes) moves all of them alike and their ratios
+    less.
+
+    Args:
+        functions: Name -> callable taking no arguments.
+        repeats: Rounds.
+
+    Returns:
+        Name -> list of ``repeats`` times.
+    """
+    for function in functions.values():
         function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - started)
+    return times
 
 
 def peak_extra_bytes(function):
@@ -146,13 +173,14 @@ def step_costs(
         else:
             iterations.append(row)
     return {
-        "machine": machine_description(),
+        "machine": {**machine_description(), "cpu_model": _cpu_model()},
         "git": git_commit(),
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "native_kernel": native_kernel.load() is not None,
+        "native_kernel_lanes": _native_lanes(),
         "chunk": CPU_CHUNK,
         "method": METHOD,
         "steps": steps,
@@ -184,14 +212,14 @@ def _step_row(size, weights, repeats, seed, naive_max_size):
         steppers["framework_cells"] = lambda p: _FrameworkCells(p, weights)
 
     row = {"parameters": size, "time_s": {}, "peak_extra_bytes": {}, "state_bytes": {}}
-    for name, make in steppers.items():
-        stepper = make(parameter())
-        row["time_s"][name] = median_time(stepper.step, repeats)
+    steppers = {name: make(parameter()) for name, make in steppers.items()}
+    timed = {name: stepper.step for name, stepper in steppers.items()}
+    timed["memory_floor"] = _memory_floor(size)
+    timed["compute_floor"] = _compute_floor(size)
+    row["time_s"] = interleaved_median_times(timed, repeats)
+    for name, stepper in steppers.items():
         row["peak_extra_bytes"][name] = peak_extra_bytes(stepper.step)
         row["state_bytes"][name] = _state_bytes(stepper)
-        del stepper
-    row["time_s"]["memory_floor"] = _memory_floor(size, repeats)
-    row["time_s"]["compute_floor"] = _compute_floor(size, repeats)
     return row
 
 
@@ -260,12 +288,14 @@ def _state_bytes(stepper):
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _memory_floor(size, repeats):
+def _memory_floor(size):
+    """One in-place read and write of an (N, 80) float32 tensor, as a callable."""
     state = torch.zeros(size, 80)
-    return median_time(lambda: state.mul_(1.0), repeats)
+    return lambda: state.mul_(1.0)
 
 
-def _compute_floor(size, repeats):
+def _compute_floor(size):
+    """The step's matrix products alone, by BLAS on chunks, as a callable."""
     chunk = min(CPU_CHUNK, size)
     cell1_input, cell2_input = torch.randn(chunk, 22), torch.randn(chunk, 40)
     cell1_weight, cell2_weight = torch.randn(80, 22), torch.randn(80, 40)
@@ -279,7 +309,7 @@ def _compute_floor(size, repeats):
             torch.mm(cell2_input[:n], cell2_weight.t(), out=gates[:n])
             torch.mm(top_hidden[:n], output_weight.t(), out=update[:n])
 
-    return median_time(products, repeats)
+    return products
 
 
 def _iteration_row(name, weights, repeats, seed, batch_size):
@@ -301,35 +331,40 @@ def _iteration_row(name, weights, repeats, seed, batch_size):
         "adam": lambda params: torch.optim.Adam(params),
         "learned": lambda params: flatopt.LearnedOptimizer(params, weights),
     }
+    parts = {}
     for label, make in makers.items():
         torch.manual_seed(seed)
         model = factory()
         optimizer = make(model.parameters())
         row["parameters"] = sum(p.numel() for p in model.parameters())
-        row[label] = _time_iterations(model, optimizer, inputs, labels, repeats)
+        parts[label] = _iteration_parts(model, optimizer, inputs, labels)
+    # Rounds alternate the optimizers' iterations, so that drift in the machine's speed moves
+    # both alike.
+    timed = {}
+    for label, (forward_backward, step) in parts.items():
+        timed[f"{label}.forward_backward_s"] = forward_backward
+        timed[f"{label}.step_s"] = step
+    seconds = interleaved_samples(timed, repeats)
+    for label in parts:
+        passes, steps = seconds[f"{label}.forward_backward_s"], seconds[f"{label}.step_s"]
+        row[label] = {
+            "forward_backward_s": statistics.median(passes),
+            "step_s": statistics.median(steps),
+            "total_s": statistics.median(p + s for p, s in zip(passes, steps)),
+        }
     return row
 
 
-def _time_iterations(model, optimizer, inputs, labels, repeats):
+def _iteration_parts(model, optimizer, inputs, labels):
+    """The two halves of a training iteration, as callables, after one warm-up iteration."""
+
     def forward_backward():
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(inputs), labels).backward()
 
     forward_backward()
-    optimizer.step()  # warm-up: creates the optimizer state
-    passes, steps = [], []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        forward_backward()
-        stepped = time.perf_counter()
-        optimizer.step()
-        passes.append(stepped - started)
-        steps.append(time.perf_counter() - stepped)
-    return {
-        "forward_backward_s": statistics.median(passes),
-        "step_s": statistics.median(steps),
-        "total_s": statistics.median(p + s for p, s in zip(passes, steps)),
-    }
+    optimizer.step()  # creates the optimizer state
+    return forward_backward, optimizer.step
 
 
 def state_dtype_accuracy(dataset, steps=1000, seeds=3, weights=None):
@@ -379,7 +414,7 @@ def meta_training_step_time(dataset, repeats=3, unroll_length=20):
     params = task.init_params(seed=0)
     size = sum(p.numel() for p in params.values())
 
-    def seconds_per_step(update_rule):
+    def unroll_with(update_rule):
         update_rule.requires_grad_(True).train()
         state = update_rule.initial_state(size)
 
@@ -389,12 +424,16 @@ def meta_training_step_time(dataset, repeats=3, unroll_length=20):
             )
             loss.backward()
 
-        return median_time(unroll, repeats) / unroll_length
+        return unroll
 
-    return {
-        "rule_forward_s": seconds_per_step(rule),
-        "framework_cells_s": seconds_per_step(_FrameworkCellsRule(rule)),
-    }
+    seconds = interleaved_median_times(
+        {
+            "rule_forward_s": unroll_with(rule),
+            "framework_cells_s": unroll_with(_FrameworkCellsRule(rule)),
+        },
+        repeats,
+    )
+    return {name: value / unroll_length for name, value in seconds.items()}
 
 
 class _FrameworkCellsRule(flatopt.LSTMUpdateRule):
@@ -439,17 +478,23 @@ def render_speed_markdown(report):
         The Markdown text.
     """
     machine = report["machine"]
+    lanes = report.get("native_kernel_lanes")
+    native = "yes" if report["native_kernel"] else "no"
+    if report["native_kernel"] and lanes:
+        native += f", {lanes} coordinates per SIMD vector"
+    cpu = machine.get("cpu_model") or machine.get("processor")
     lines = [
         "# Cost of the learned optimizer's step",
         "",
         (
-            f"Measured on {machine.get('processor')} ({machine.get('platform')}), torch "
-            f"{report['torch']}, {report['threads']} torch thread(s), median of "
-            f"{report['repeats']} calls after a warm-up, on {report.get('date', 'an unrecorded date')}"
-            f"{_commit_text(report.get('git'))}. Native kernel: "
-            f"{'yes' if report['native_kernel'] else 'no'}; torch-operator chunk: "
-            f"{report['chunk']:,} coordinates."
+            f"Measured on {cpu} ({machine.get('cpu_count')} logical CPUs, "
+            f"{machine.get('platform')}), torch {report['torch']}, {report['threads']} torch "
+            f"thread(s), on {report.get('date', 'an unrecorded date')}"
+            f"{_commit_text(report.get('git'))}. Times are medians of {report['repeats']} rounds "
+            "after a warm-up round; each round times every variant of a row once, in turn. "
+            f"Native kernel: {native}; torch-operator chunk: {report['chunk']:,} coordinates."
         ),
+        *(["", f"Command: `{report['command']}`"] if report.get("command") else []),
         "",
         "## Step time (ms)",
         "",
@@ -503,6 +548,23 @@ def render_speed_markdown(report):
             ),
         ]
     return "\n".join(lines) + "\n"
+
+
+def _native_lanes():
+    kernel = native_kernel.load()
+    return kernel.lanes() if kernel is not None else None
+
+
+def _cpu_model():
+    """The processor's model name on Linux (platform.processor() is often just the architecture)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _commit_text(git):

@@ -113,7 +113,19 @@ def _pack_network(rule, device, key):
 
     native = None
     if torch.device(device).type == "cpu":
-        native = torch.cat([*unit_major(w1, b1), *unit_major(w2, b2), wo.reshape(-1)])
+        # The kernel computes sigmoid(x) = 1 / (1 + 2^z) with z = -log2(e) x for gates i, f, o,
+        # and tanh(x) = (1 - 2^z) / (1 + 2^z) with z = -2 log2(e) x for g: it takes the rows
+        # scaled so that the matrix products yield z directly.
+        log2e = 1 / math.log(2)
+        gate_scale = torch.tensor([-log2e, -log2e, -2 * log2e, -log2e], device=device)
+        gate_scale = gate_scale.repeat_interleave(hidden).unsqueeze(1)  # torch's (i, f, g, o)
+        native = torch.cat(
+            [
+                *unit_major(w1 * gate_scale, b1 * gate_scale.squeeze(1)),
+                *unit_major(w2 * gate_scale, b2 * gate_scale.squeeze(1)),
+                wo.reshape(-1),
+            ]
+        )
     # |h2| < 1, so no update can exceed this; a non-finite weight makes it infinite. One host
     # synchronisation per change of the weights.
     finite = all(bool(torch.isfinite(p).all()) for p in (w1, b1, w2, b2, wo, bo))

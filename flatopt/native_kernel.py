@@ -5,7 +5,7 @@ its cost is dominated by memory traffic between operators: every gate, activatio
 separate pass over a buffer. This kernel instead streams the recurrent state once, one tile of
 coordinates at a time: it loads a tile's state rows, transposes them so that each SIMD lane holds
 one coordinate, runs both LSTM cells and the read-out in registers and a few kilobytes of stack, and
-writes the new state back in place.
+writes the new state back in place. Tiles are shared among torch's intra-op threads.
 
 It is built with :func:`torch.utils.cpp_extension.load_inline` on first use and cached by torch (in
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), so the first step on a machine
@@ -13,9 +13,11 @@ takes about a minute longer. Where no C++ compiler or ninja is available, on Win
 environment variable ``FLATOPT_NATIVE=0``, or inside :func:`disabled`, :func:`load` returns ``None``
 and callers use the torch implementation, which computes the same function.
 
-Numerics: ``exp`` and ``log`` are Cephes-style polynomial approximations, ``tanh`` is a rational
-approximation and reciprocals use one Newton step on AVX-512; all are within a few float32 ulps of
-the exact functions, well inside the tolerance the tests hold the torch implementation to.
+Numerics: the gate rows come pre-scaled (see :mod:`flatopt.fused_step`) so that every sigmoid and
+tanh is a rational function of one ``2^z``, computed as ``2^round(z)`` times a degree-5 polynomial;
+``log`` is a Cephes-style polynomial approximation and reciprocals take one Newton step from the
+hardware estimate on x86. All are within a few float32 ulps of the exact functions, well inside the
+tolerance the tests hold both implementations to.
 """
 
 import contextlib
@@ -40,7 +42,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -48,16 +50,15 @@ namespace {
 
 constexpr int kHidden = 20;
 constexpr int kState = 4 * kHidden;  // (h1, c1, h2, c2) per coordinate
-constexpr int kInput1 = 2 + kHidden;  // cell 1 sees [x0, x1, h1]
-constexpr int kInput2 = 2 * kHidden;  // cell 2 sees [h1, h2]
-// Units whose four gates are accumulated together: 16 accumulators stay in registers.
-constexpr int kUnitsPerPass = 4;
 #if defined(__AVX512F__)
 constexpr int kWidth = 16;
+constexpr int kUnitsPerPass = 4;  // 16 gate accumulators of 32 vector registers
 #elif defined(__AVX__)
 constexpr int kWidth = 8;
+constexpr int kUnitsPerPass = 2;  // 8 accumulators of 16 registers, leaving room for operands
 #else
 constexpr int kWidth = 4;
+constexpr int kUnitsPerPass = 2;
 #endif
 
 // GCC/Clang vector extensions: portable SIMD, one coordinate per lane.
@@ -69,51 +70,49 @@ inline vf splat(float v) { return v - vf{}; }
 inline vf as_float(vi v) { return (vf)v; }
 inline vi as_int(vf v) { return (vi)v; }
 inline vf select(vi mask, vf a, vf b) { return as_float((mask & as_int(a)) | (~mask & as_int(b))); }
-// Clamps that let NaN through, so that a diverged network is seen as such by the caller.
-inline vf clamp(vf x, float lo, float hi) {
-  return select(x < lo, splat(lo), select(x > hi, splat(hi), x));
-}
+
+// 1 / d for d >= 1: the hardware estimate refined by one Newton step where there is one.
 inline vf reciprocal(vf d) {
 #if defined(__AVX512F__)
-  vf r = (vf)_mm512_rcp14_ps((__m512)d);
-  return r * (2.0f - d * r);
+  const vf r = (vf)_mm512_rcp14_ps((__m512)d);
+#elif defined(__AVX__)
+  const vf r = (vf)_mm256_rcp_ps((__m256)d);
 #else
   return 1.0f / d;
 #endif
+#if defined(__AVX__)
+  return r * (2.0f - d * r);
+#endif
 }
 
-inline vf exp_(vf x) {  // Cephes expf: exp(x) = 2^n exp(r), |r| <= ln(2) / 2
-  x = clamp(x, -87.0f, 88.0f);
+// 2^t, with t clamped to [-60, 60] (NaN passes, so that a diverged network is seen as such by
+// the caller): 2^round(t) times a degree-5 minimax polynomial for 2^f, |f| <= 1/2, within three
+// float32 ulps. The clamp keeps products of two (1 + 2^t) finite and their reciprocals normal.
+inline vf exp2_(vf t) {
+#if defined(__AVX512F__)
+  // max and min return their second operand when either is NaN.
+  const __m512 x = _mm512_min_ps(_mm512_set1_ps(60.0f),
+                                 _mm512_max_ps(_mm512_set1_ps(-60.0f), (__m512)t));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf f = (vf)_mm512_sub_ps(x, n);
+#else
+  t = select(t < -60.0f, splat(-60.0f), select(t > 60.0f, splat(60.0f), t));
   const vf round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  vf n = (x * 1.44269504088896341f + round) - round;
-  vf r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  vf y = p * (r * r) + r + 1.0f;
-  return y * as_float((__builtin_convertvector(n, vi) + 127) << 23);
-}
-
-inline vf sigmoid_(vf x) { return reciprocal(1.0f + exp_(-x)); }
-
-// Rational minimax approximation; beyond the clamp, tanh is 1 to float precision.
-inline vf tanh_(vf x) {
-  x = clamp(x, -7.90531110763549805f, 7.90531110763549805f);
-  vf x2 = x * x;
-  vf p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
-  p = p * x2 - 8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  vf q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  return x * p * reciprocal(q);
+  const vf shifted = t + round;
+  const vf f = t - (shifted - round);
+#endif
+  vf p = splat(1.3276470561200016e-3f);
+  p = p * f + 9.675541620213222e-3f;
+  p = p * f + 5.5507132805070525e-2f;
+  p = p * f + 2.402211971866276e-1f;
+  p = p * f + 6.931469670588519e-1f;
+  p = p * f + 1.0000000716556903f;
+#if defined(__AVX512F__)
+  return (vf)_mm512_scalef_ps((__m512)p, n);
+#else
+  // The integer in the low mantissa bits of `shifted`, as an exponent; a product keeps NaN.
+  return p * as_float((as_int(shifted) - as_int(round) + 127) << 23);
+#endif
 }
 
 inline vf log_(vf x) {  // Cephes logf, for normal x > 0
@@ -141,31 +140,43 @@ inline vf log_(vf x) {  // Cephes logf, for normal x > 0
 }
 
 struct Network {
-  const float* w1;  // [unit][gate i, f, g, o][kInput1]
+  // Gate rows pre-scaled by the caller: by -log2(e) for i, f, o and -2 log2(e) for g.
+  const float* w1;  // [unit][gate i, f, g, o][2 + kHidden]
   const float* b1;  // [unit][gate]
-  const float* w2;  // [unit][gate][kInput2]
+  const float* w2;  // [unit][gate][2 * kHidden]
   const float* b2;
   const float* wo;  // [unit]
   float bo, scale, threshold, p, exp_p, sign;
 };
 
-// One LSTM cell on a tile: in[k] holds input feature k of every lane; c is updated in place.
-template <int K>
-inline void lstm_cell(const vf* in, vf* c, vf* h, const float* w, const float* b) {
+// One LSTM cell on a tile. Its input features are a[0..KA) then b[0..KB), each vector holding one
+// feature of every lane; c is updated in place and the new hidden state written to h.
+template <int KA, int KB>
+inline void lstm_cell(const vf* a, const vf* b, vf* c, vf* h, const float* w, const float* bias) {
+  constexpr int K = KA + KB;
   for (int j0 = 0; j0 < kHidden; j0 += kUnitsPerPass) {
     vf z[kUnitsPerPass * 4];
-    for (int r = 0; r < kUnitsPerPass * 4; ++r) z[r] = splat(b[4 * j0 + r]);
+    for (int r = 0; r < kUnitsPerPass * 4; ++r) z[r] = splat(bias[4 * j0 + r]);
     const float* wj = w + 4 * j0 * K;
-    for (int k = 0; k < K; ++k) {
-      const vf x = in[k];
+    for (int k = 0; k < KA; ++k) {
+      const vf x = a[k];
       for (int r = 0; r < kUnitsPerPass * 4; ++r) z[r] += wj[r * K + k] * x;
     }
+    for (int k = 0; k < KB; ++k) {
+      const vf x = b[k];
+      for (int r = 0; r < kUnitsPerPass * 4; ++r) z[r] += wj[r * K + KA + k] * x;
+    }
     for (int u = 0; u < kUnitsPerPass; ++u) {
+      // With the pre-scaled rows, sigmoid(x) = 1 / (1 + 2^z) and tanh(x) = (1 - 2^z) / (1 + 2^z);
+      // sigmoid(i) tanh(g) and sigmoid(o) tanh(c) share one reciprocal each.
       const vf* g = z + 4 * u;
       const int j = j0 + u;
-      const vf cell = sigmoid_(g[1]) * c[j] + sigmoid_(g[0]) * tanh_(g[2]);
+      const vf ei = exp2_(g[0]), ef = exp2_(g[1]), eg = exp2_(g[2]), eo = exp2_(g[3]);
+      const vf cell =
+          c[j] * reciprocal(1.0f + ef) + (1.0f - eg) * reciprocal((1.0f + ei) * (1.0f + eg));
       c[j] = cell;
-      h[j] = sigmoid_(g[3]) * tanh_(cell);
+      const vf ec = exp2_(cell * -2.88539008177792681f);  // -2 log2(e)
+      h[j] = (1.0f - ec) * reciprocal((1.0f + eo) * (1.0f + ec));
     }
   }
 }
@@ -186,7 +197,7 @@ inline void store_value(at::BFloat16& out, float v) {
 }
 
 #if defined(__AVX512F__)
-inline void transpose16(__m512* r) {
+inline void transpose(__m512* r) {  // 16 x 16
   __m512 t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -211,102 +222,144 @@ inline void transpose16(__m512* r) {
     r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
   }
 }
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
+typedef __m512 Row;
+inline Row load_row(const float* p) { return _mm512_loadu_ps(p); }
+inline Row load_row(const at::BFloat16* p) {
   const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(at::BFloat16* p, __m512 v) {
+inline void store_row(float* p, Row v) { _mm512_storeu_ps(p, v); }
+inline void store_row(at::BFloat16* p, Row v) {
   __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
+#define FLATOPT_TRANSPOSE 1
+#elif defined(__AVX2__)
+inline void transpose(__m256* r) {  // 8 x 8
+  __m256 t[8], s[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(s[i], s[4 + i], 0x20);
+    r[4 + i] = _mm256_permute2f128_ps(s[i], s[4 + i], 0x31);
+  }
+}
+typedef __m256 Row;
+inline Row load_row(const float* p) { return _mm256_loadu_ps(p); }
+inline Row load_row(const at::BFloat16* p) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+inline void store_row(float* p, Row v) { _mm256_storeu_ps(p, v); }
+inline void store_row(at::BFloat16* p, Row v) {
+  __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  // Pack the low halves of the eight 32-bit lanes: packus works per 128-bit lane, then reorder.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+#define FLATOPT_TRANSPOSE 1
 #endif
 
-// Rows of n <= kWidth coordinates -> feature-major tile[feature][lane]; missing lanes are zero.
+// Rows of n <= kWidth coordinates -> features[k][lane]; missing lanes are zero.
 template <typename S>
-inline void load_tile(const S* state, int n, float (*tile)[kWidth]) {
-#if defined(__AVX512F__)
+inline void load_tile(const S* state, int n, vf* features) {
+#if defined(FLATOPT_TRANSPOSE)
   if (n == kWidth) {
-    for (int block = 0; block < kState / 16; ++block) {
-      __m512 r[16];
-      for (int l = 0; l < 16; ++l) r[l] = load16(state + l * kState + 16 * block);
-      transpose16(r);
-      for (int k = 0; k < 16; ++k) _mm512_store_ps(tile[16 * block + k], r[k]);
+    for (int block = 0; block < kState / kWidth; ++block) {
+      Row r[kWidth];
+      for (int l = 0; l < kWidth; ++l) r[l] = load_row(state + l * kState + kWidth * block);
+      transpose(r);
+      std::memcpy(features + kWidth * block, r, sizeof(r));
     }
     return;
   }
 #endif
-  for (int l = 0; l < kWidth; ++l)
-    for (int k = 0; k < kState; ++k) tile[k][l] = l < n ? load_value(state[l * kState + k]) : 0.0f;
+  for (int k = 0; k < kState; ++k) {
+    alignas(64) float lanes[kWidth];
+    for (int l = 0; l < kWidth; ++l) lanes[l] = l < n ? load_value(state[l * kState + k]) : 0.0f;
+    std::memcpy(features + k, lanes, sizeof(vf));
+  }
 }
 
 template <typename S>
-inline void store_tile(S* state, int n, const float (*tile)[kWidth]) {
-#if defined(__AVX512F__)
+inline void store_tile(S* state, int n, const vf* features) {
+#if defined(FLATOPT_TRANSPOSE)
   if (n == kWidth) {
-    for (int block = 0; block < kState / 16; ++block) {
-      __m512 r[16];
-      for (int k = 0; k < 16; ++k) r[k] = _mm512_load_ps(tile[16 * block + k]);
-      transpose16(r);
-      for (int l = 0; l < 16; ++l) store16(state + l * kState + 16 * block, r[l]);
+    for (int block = 0; block < kState / kWidth; ++block) {
+      Row r[kWidth];
+      std::memcpy(r, features + kWidth * block, sizeof(r));
+      transpose(r);
+      for (int l = 0; l < kWidth; ++l) store_row(state + l * kState + kWidth * block, r[l]);
     }
     return;
   }
 #endif
-  for (int l = 0; l < n; ++l)
-    for (int k = 0; k < kState; ++k) store_value(state[l * kState + k], tile[k][l]);
+  for (int k = 0; k < kState; ++k) {
+    alignas(64) float lanes[kWidth];
+    std::memcpy(lanes, features + k, sizeof(vf));
+    for (int l = 0; l < n; ++l) store_value(state[l * kState + k], lanes[l]);
+  }
 }
-
-inline void vector_from(vf& out, const float* values) { std::memcpy(&out, values, sizeof(vf)); }
-inline void vector_to(float* values, const vf& v) { std::memcpy(values, &v, sizeof(vf)); }
 
 template <typename S>
 void step_tile(const float* grad, S* state, float* update, int n, const Network& net, bool write) {
-  alignas(64) float tile[kState][kWidth];
-  load_tile(state, n, tile);
-  // in[0..1]: gradient features, in[2..21]: h1, in[22..41]: h2, so that cell 1 reads in[0..21]
-  // and, once h1 is replaced by its new value, cell 2 reads in[2..41].
-  vf in[2 + 2 * kHidden], c1[kHidden], c2[kHidden], h_new[kHidden];
-  for (int k = 0; k < kHidden; ++k) {
-    vector_from(in[2 + k], tile[k]);
-    vector_from(c1[k], tile[kHidden + k]);
-    vector_from(in[2 + kHidden + k], tile[2 * kHidden + k]);
-    vector_from(c2[k], tile[3 * kHidden + k]);
-  }
+  // Feature-major tile: x[0..1] gradient features, then the state's rows (h1, c1, h2, c2).
+  vf x[2 + kState];
+  vf* const h1 = x + 2;
+  vf* const c1 = h1 + kHidden;
+  vf* const h2 = c1 + kHidden;
+  vf* const c2 = h2 + kHidden;
+  load_tile(state, n, h1);
 
-  alignas(64) float lanes[kWidth];
-  for (int l = 0; l < kWidth; ++l) lanes[l] = l < n ? net.sign * grad[l] : 0.0f;
   vf g;
-  vector_from(g, lanes);
+  if (n == kWidth) {
+    std::memcpy(&g, grad, sizeof(vf));
+  } else {
+    alignas(64) float lanes[kWidth];
+    for (int l = 0; l < kWidth; ++l) lanes[l] = l < n ? grad[l] : 0.0f;
+    std::memcpy(&g, lanes, sizeof(vf));
+  }
+  g *= net.sign;
   const vi sign_bit = vi{} + int32_t(0x80000000u);
   const vf magnitude = as_float(as_int(g) & ~sign_bit);
   const vi large = magnitude >= net.threshold;
   const vf log_part = log_(select(large, magnitude, splat(net.threshold))) / net.p;
   const vf sign = select(g > 0.0f, splat(1.0f), select(g < 0.0f, splat(-1.0f), splat(0.0f)));
-  in[0] = select(large, log_part, splat(-1.0f));
-  in[1] = select(large, sign, g * net.exp_p);
+  x[0] = select(large, log_part, splat(-1.0f));
+  x[1] = select(large, sign, g * net.exp_p);
 
-  lstm_cell<kInput1>(in, c1, h_new, net.w1, net.b1);
-  for (int k = 0; k < kHidden; ++k) in[2 + k] = h_new[k];
-  lstm_cell<kInput2>(in + 2, c2, h_new, net.w2, net.b2);
+  vf h1_new[kHidden], h2_new[kHidden];
+  lstm_cell<2 + kHidden, 0>(x, nullptr, c1, h1_new, net.w1, net.b1);
+  lstm_cell<kHidden, kHidden>(h1_new, h2, c2, h2_new, net.w2, net.b2);
 
   vf u = splat(net.bo);
-  for (int k = 0; k < kHidden; ++k) u += net.wo[k] * h_new[k];
-  vector_to(lanes, u * net.scale);
-  for (int l = 0; l < n; ++l) update[l] = lanes[l];
+  for (int k = 0; k < kHidden; ++k) u += net.wo[k] * h2_new[k];
+  u *= net.scale;
+  if (n == kWidth) {
+    std::memcpy(update, &u, sizeof(vf));
+  } else {
+    alignas(64) float lanes[kWidth];
+    std::memcpy(lanes, &u, sizeof(vf));
+    for (int l = 0; l < n; ++l) update[l] = lanes[l];
+  }
   if (!write) return;
 
-  for (int k = 0; k < kHidden; ++k) {
-    vector_to(tile[k], in[2 + k]);
-    vector_to(tile[kHidden + k], c1[k]);
-    vector_to(tile[2 * kHidden + k], h_new[k]);
-    vector_to(tile[3 * kHidden + k], c2[k]);
-  }
-  store_tile(state, n, tile);
+  std::memcpy(h1, h1_new, sizeof(h1_new));
+  std::memcpy(h2, h2_new, sizeof(h2_new));
+  store_tile(state, n, h1);
 }
 
 }  // namespace
@@ -324,8 +377,8 @@ void lstm_step(const at::Tensor& grad, const at::Tensor& state, const at::Tensor
   TORCH_CHECK(update.device().is_cpu() && update.scalar_type() == at::kFloat &&
               update.numel() == n && update.is_contiguous(),
               "update must be a contiguous float32 CPU tensor of N elements");
-  const int64_t sizes[] = {4 * kHidden * kInput1, 4 * kHidden, 4 * kHidden * kInput2, 4 * kHidden,
-                           kHidden};
+  const int64_t sizes[] = {4 * kHidden * (2 + kHidden), 4 * kHidden, 4 * kHidden * 2 * kHidden,
+                           4 * kHidden, kHidden};
   TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.is_contiguous() &&
               weights.numel() == sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4],
               "weights must be the packed float32 network");
@@ -357,6 +410,7 @@ void lstm_step(const at::Tensor& grad, const at::Tensor& state, const at::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_step", &lstm_step, "In-place step of the coordinate-wise LSTM update rule",
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("lanes", [] { return kWidth; }, "Coordinates per SIMD vector in this build");
 }
 """
 
@@ -396,7 +450,8 @@ def disabled():
         _disabled -= 1
 
 
-def _build():
+def _build(extra_cflags=()):
+    """Build the kernel, or return ``None``; ``extra_cflags`` select e.g. another instruction set."""
     if sys.platform == "win32":
         # The source relies on GCC/Clang vector extensions, which MSVC lacks.
         logger.info("flatopt's native step kernel is not built on Windows; using torch operators")
@@ -404,18 +459,33 @@ def _build():
     flags = ["-O3"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-march=native")
-    name = f"flatopt_lstm_step_{_build_digest(flags)}"
-    logger.info(
-        "building flatopt's native step kernel %s (once per machine; may take a minute)", name
-    )
-    try:
-        from torch.utils.cpp_extension import load_inline
+    flags.extend(extra_cflags)
+    attempts = [(flags, [])]
+    if torch._C.has_openmp:
+        # at::parallel_for is a header template: compiled without OpenMP it runs on one thread.
+        # Linking -fopenmp names libgomp.so.1, which resolves to the copy torch has loaded.
+        attempts.insert(0, ([*flags, "-fopenmp"], ["-fopenmp"]))
+    from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name, cpp_sources=_SOURCE, extra_cflags=flags, verbose=False)
-    # No compiler, no ninja, a failed build or load: each means the torch path.
-    except Exception as exc:  # noqa: BLE001
-        logger.info("flatopt's native step kernel is unavailable (%s); using torch operators", exc)
-        return None
+    for cflags, ldflags in attempts:
+        name = f"flatopt_lstm_step_{_build_digest(cflags)}"
+        logger.info(
+            "building flatopt's native step kernel %s (once per machine; may take a minute)", name
+        )
+        try:
+            return load_inline(
+                name,
+                cpp_sources=_SOURCE,
+                extra_cflags=cflags,
+                extra_ldflags=ldflags,
+                verbose=False,
+            )
+        # No compiler, no ninja, no OpenMP, a failed build or load: try the next, then the torch
+        # path.
+        except Exception as exc:  # noqa: BLE001
+            logger.info("flatopt's native step kernel %s is unavailable (%s)", name, exc)
+    logger.info("using torch operators for the step")
+    return None
 
 
 def _build_digest(flags):

@@ -9,6 +9,7 @@ import copy
 import io
 import logging
 import math
+import platform
 import warnings
 
 import pytest
@@ -191,6 +192,54 @@ def test_native_and_torch_implementations_agree(rule):
             results.append((update, new_state.float()))
         tolerance = 1 / 128 if dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(results[0], results[1], rtol=tolerance, atol=1e-6)
+
+
+# Narrower instruction sets than this machine's: their tile transposes and vector widths differ.
+NARROWER_BUILDS = {"avx2": ["-mno-avx512f"], "sse": ["-mno-avx"]}
+
+
+@pytest.mark.parametrize("isa", sorted(NARROWER_BUILDS))
+def test_native_kernel_built_for_narrower_vectors_matches_forward(rule, isa, monkeypatch):
+    if platform.machine().lower() not in ("x86_64", "amd64") or native_kernel.load() is None:
+        pytest.skip("narrower x86 builds need an x86 machine that builds the kernel")
+    variant = native_kernel._build(NARROWER_BUILDS[isa])
+    assert variant is not None
+    assert variant.lanes() == {"avx2": 8, "sse": 4}[isa]
+    monkeypatch.setattr(native_kernel, "_kernel", variant)
+    total = sum(SIZES)
+    for dtype in (torch.float32, torch.bfloat16):
+        state = random_state(rule, total).to(dtype)
+        grad = awkward_gradients(total)
+        expected_update, expected_state = reference(rule, grad, state.double())
+        update = torch.full((total,), float("nan"))
+        rule.step_inplace(split(grad, SIZES), split(state, SIZES), split(update, SIZES))
+        rtol = 1 / 128 if dtype == torch.bfloat16 else RTOL
+        torch.testing.assert_close(update.double(), expected_update, rtol=RTOL, atol=1e-7)
+        torch.testing.assert_close(
+            state.double(), expected_state.to(dtype).double(), rtol=rtol, atol=ATOL
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_step_is_the_same_on_any_number_of_threads(rule, dtype):
+    # Tiles are independent, so splitting them among threads must not change a bit; the size spans
+    # many parallel tasks and ends in a partial tile.
+    if native_kernel.load() is None:
+        pytest.skip("the native kernel cannot be built here")
+    size = 50_000 + 3
+    grad, state = awkward_gradients(size), random_state(rule, size).to(dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            new_state, update = state.clone(), torch.empty(size)
+            rule.step_inplace([grad], [new_state], [update])
+            results.append((update, new_state))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert torch.equal(results[0][0], other[0]) and torch.equal(results[0][1], other[1])
 
 
 # --- The optimizer on the in-place step -----------------------------------------------------------
