@@ -133,7 +133,7 @@ def _run(parser, argv):
         help="time the learned optimizer's step against Adam's",
         description="Time the learned step against Adam, the memory and compute floors and a "
         "naive reference for each parameter count, and whole training iterations of small "
-        "models; write speed.json and speed.md.",
+        "models; write speed.json and SPEED.md.",
     )
     speed.add_argument("--sizes", type=positive_int, nargs="+", default=list(DEFAULT_SIZES))
     speed.add_argument("--repeats", type=positive_int, default=5)
@@ -167,7 +167,11 @@ def _run(parser, argv):
         default=True,
         help="also time an unrolled meta-training step on the MNIST MLP",
     )
-    speed.add_argument("--out", default="results", help="folder for speed.json and speed.md")
+    speed.add_argument(
+        "--out",
+        default="results",
+        help="folder for speed.json and SPEED.md (benchmarks: the committed ones)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "speed":
@@ -193,9 +197,9 @@ def _run(parser, argv):
         out.mkdir(parents=True, exist_ok=True)
         markdown = render_speed_markdown(report)
         (out / "speed.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        (out / "speed.md").write_text(markdown, encoding="utf-8")
+        (out / "SPEED.md").write_text(markdown, encoding="utf-8")
         print(markdown)
-        print(f"wrote {out / 'speed.json'} and {out / 'speed.md'}")
+        print(f"wrote {out / 'speed.json'} and {out / 'SPEED.md'}")
         return
 
     if args.command == "report":

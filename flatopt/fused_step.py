@@ -117,7 +117,9 @@ def _pack_network(rule, device, key):
         # and tanh(x) = (1 - 2^z) / (1 + 2^z) with z = -2 log2(e) x for g: it takes the rows
         # scaled so that the matrix products yield z directly.
         log2e = 1 / math.log(2)
-        gate_scale = torch.tensor([-log2e, -log2e, -2 * log2e, -log2e], device=device)
+        gate_scale = torch.tensor(
+            [-log2e, -log2e, -2 * log2e, -log2e], device=device, dtype=torch.float32
+        )
         gate_scale = gate_scale.repeat_interleave(hidden).unsqueeze(1)  # torch's (i, f, g, o)
         native = torch.cat(
             [

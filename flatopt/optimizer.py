@@ -1,5 +1,7 @@
 """``LearnedOptimizer``: a ``torch.optim.Optimizer`` whose update rule is a meta-trained network."""
 
+import hashlib
+import json
 import logging
 import sys
 import warnings
@@ -119,8 +121,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"the {update_rule.architecture!r} update rule keeps its state in float32; "
                 f"state_dtype={state_dtype} is supported for coordinate-wise rules only"
             )
-        # The state size travels in every group, so that load_state_dict can tell our state dicts
-        # (also when rebuilt by ZeroRedundancyOptimizer) from other optimizers' ones.
+        # The state size and a digest of the weights travel in every group, so that
+        # load_state_dict can tell our state dicts (also when rebuilt by
+        # ZeroRedundancyOptimizer) from other optimizers' and other weights' ones. A module given
+        # in memory may still change (e.g. during meta-training), so it gets no digest.
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -128,6 +132,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             nonfinite=nonfinite,
             max_update=max_update,
             recurrent_state_size=update_rule.state_size,
+            weights_digest=(
+                None if isinstance(weights, torch.nn.Module) else _weights_digest(update_rule)
+            ),
         )
         super().__init__(params, defaults)
         self.update_rule = update_rule
@@ -178,9 +185,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         dtype and whatever the saving optimizer used, and moves to each parameter's device.
 
         Raises:
-            ValueError: If the state was saved by another optimizer, for other parameters, or by a
-                release with another state size; nothing is loaded then.
+            ValueError: If the state was saved by another optimizer, for other parameters, or
+                with other weights (another release, or the same release retrained); nothing is
+                loaded then.
         """
+        digest = self.defaults["weights_digest"]
         for group in state_dict["param_groups"]:
             _check_hyperparameters(group)
             if group.get("recurrent_state_size") != self.update_rule.state_size:
@@ -188,6 +197,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     "this state dict was not saved by a LearnedOptimizer with an update rule of "
                     f"{self.update_rule.state_size} state floats per coordinate (its groups record "
                     f"{group.get('recurrent_state_size')!r}); load it into the optimizer that saved it"
+                )
+            saved_digest = group.get("weights_digest")
+            if saved_digest is not None and digest is not None and saved_digest != digest:
+                name = self.release_config.get("name", "<unnamed>")
+                raise ValueError(
+                    f"this state dict was saved by a LearnedOptimizer running other weights than "
+                    f"{name!r} (weights digest {saved_digest}, these weights {digest}); its "
+                    "recurrent state is meaningless to this network. Load it into an optimizer "
+                    "built with the weights that saved it"
                 )
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -201,6 +219,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         global_state = self._checked_global_state(state_dict["state"].get(GLOBAL_STATE_KEY))
 
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            # torch replaces each group by the saved one; a dict saved by an earlier version of
+            # this optimizer has no digest, and the next state_dict should have ours.
+            if group.get("weights_digest") is None:
+                group["weights_digest"] = digest
 
         for index, p in enumerate(params):
             if index in recurrent:
@@ -559,6 +582,15 @@ def _check_hyperparameters(settings):
         raise ValueError(
             f"Invalid nonfinite policy {settings['nonfinite']!r}; choose one of {NONFINITE_POLICIES}"
         )
+
+
+def _weights_digest(update_rule):
+    """A short hex digest of an update rule's configuration and weights."""
+    digest = hashlib.sha256(json.dumps(update_rule.config(), sort_keys=True).encode())
+    for name, tensor in sorted(update_rule.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _is_coordinatewise(update_rule):

@@ -152,13 +152,13 @@ def test_speed_command_writes_json_and_markdown(mnist, tmp_path, capsys):
     )
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert saved["steps"][0]["parameters"] == 50
-    assert (tmp_path / "speed.md").read_text() == render_speed_markdown(saved)
+    assert (tmp_path / "SPEED.md").read_text() == render_speed_markdown(saved)
     rows = saved["state_dtype_accuracy"]
     assert [r["optimizee"] for r in rows] == ["mlp-relu", "conv-mnist"]
     assert all(len(r["float32"]) == len(r["bfloat16"]) == 2 for r in rows)
     meta = saved["meta_training_step"]
     assert meta["rule_forward_s"] > 0 and meta["framework_cells_s"] > 0
-    assert "| one product per cell (flatopt) |" in (tmp_path / "speed.md").read_text()
+    assert "| one product per cell (flatopt) |" in (tmp_path / "SPEED.md").read_text()
     out = capsys.readouterr().out
     assert "## Step time (ms)" in out and "## bfloat16 recurrent state" in out
 

@@ -234,6 +234,39 @@ def test_state_dict_for_other_shapes_is_refused(weights):
 
 
 @pytest.mark.parametrize(
+    "saving, loading", [("dm-cl", "dm-cl-entropy"), ("scale", "scale-entropy")]
+)
+def test_state_dict_saved_with_other_weights_of_the_same_architecture_is_refused(saving, loading):
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters(), saving)
+    train_steps(model, opt, 2)
+    other = flatopt.LearnedOptimizer(model.parameters(), loading)
+    train_steps(model, other, 1)
+    snapshot = {p: copy.deepcopy(recurrent_state(other, p)) for p in model.parameters()}
+    with pytest.raises(ValueError, match=f"other weights than '{loading}'"):
+        other.load_state_dict(opt.state_dict())
+    assert all(states_equal(snapshot[p], recurrent_state(other, p)) for p in model.parameters())
+    # The same weights load, also into a fresh optimizer.
+    flatopt.LearnedOptimizer(model.parameters(), saving).load_state_dict(opt.state_dict())
+
+
+def test_state_dict_without_a_weights_digest_still_loads_and_gains_one():
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters(), "dm-cl")
+    train_steps(model, opt, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        del group["weights_digest"]  # as saved before the digest existed
+    fresh = flatopt.LearnedOptimizer(model.parameters(), "dm-cl")
+    fresh.load_state_dict(saved)
+    assert all(
+        states_equal(recurrent_state(opt, p), recurrent_state(fresh, p)) for p in model.parameters()
+    )
+    digests = {g["weights_digest"] for g in fresh.state_dict()["param_groups"]}
+    assert digests == {opt.param_groups[0]["weights_digest"]}
+
+
+@pytest.mark.parametrize(
     "kwargs, message", [({"lr": -1.0}, "learning rate"), ({"weight_decay": -0.1}, "weight_decay")]
 )
 def test_invalid_hyperparameters_are_refused(kwargs, message):
