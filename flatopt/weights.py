@@ -245,7 +245,9 @@ def _check_tensors(tensors, expected, path):
             )
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise ValueError(
-                f"{path}: tensor {name!r} is not finite floating point; refusing to load it"
+                f"{path}: tensor {name!r} is not finite floating point; refusing to load it. "
+                "Weights exported from a diverged meta-training run look like this: export an "
+                "earlier checkpoint, or use a bundled release (flatopt.list_pretrained())."
             )
 
 
