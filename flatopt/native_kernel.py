@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 import threading
+import time
 
 import torch
 
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 # The kernel is specialised for the released architecture: 20 units per cell.
 HIDDEN_SIZE = 20
+# A build lock older than this is taken as left by a killed build (a build takes about 30 s).
+STALE_LOCK_SECONDS = 180
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -473,6 +476,7 @@ def _build(extra_cflags=()):
             "building flatopt's native step kernel %s (once per machine; may take a minute)", name
         )
         try:
+            _clear_stale_lock(name)
             return load_inline(
                 name,
                 cpp_sources=_SOURCE,
@@ -486,6 +490,46 @@ def _build(extra_cflags=()):
             logger.info("flatopt's native step kernel %s is unavailable (%s)", name, exc)
     logger.info("using torch operators for the step")
     return None
+
+
+def _clear_stale_lock(name):
+    """Remove a build lock left by a process killed while building ``name``.
+
+    torch waits without limit while another process holds the lock of an extension's build
+    folder, and a killed build never releases it. A build takes about half a minute, so a lock
+    older than :data:`STALE_LOCK_SECONDS` is taken as stale; a younger one is waited for until it
+    goes away or becomes stale.
+    """
+    from torch.utils import cpp_extension
+
+    try:
+        lock = os.path.join(cpp_extension._get_build_directory(name, False), "lock")
+    except Exception:  # noqa: BLE001 (a private helper of torch's; without it, torch decides)
+        return
+    warned = False
+    while True:
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except OSError:
+            return  # no lock
+        if age > STALE_LOCK_SECONDS:
+            logger.warning(
+                "removing the stale build lock %s (%.0f s old), left by an interrupted build of "
+                "flatopt's native step kernel",
+                lock,
+                age,
+            )
+            with contextlib.suppress(OSError):
+                os.remove(lock)
+            return
+        if not warned:
+            logger.warning(
+                "waiting for another process's build of flatopt's native step kernel (lock %s); "
+                "if none is running, delete the lock to go on now",
+                lock,
+            )
+            warned = True
+        time.sleep(1.0)
 
 
 def _build_digest(flags):

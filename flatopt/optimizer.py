@@ -148,10 +148,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """Add a parameter group, checking its own settings like the constructor's.
 
         Raises:
-            ValueError: For a negative ``lr`` or ``weight_decay``, a non-positive ``max_update`` or
-                an unknown ``nonfinite`` policy in the group.
+            ValueError: For a negative ``lr`` or ``weight_decay``, a non-positive ``max_update``,
+                an unknown ``nonfinite`` policy in the group, or a ``recurrent_state_size`` or
+                ``weights_digest`` other than this optimizer's (they describe its update rule, not
+                the group).
         """
         _check_hyperparameters(param_group)
+        for key in ("recurrent_state_size", "weights_digest"):
+            if key in param_group and param_group[key] != self.defaults[key]:
+                raise ValueError(
+                    f"a parameter group may not set {key} ({param_group[key]!r}); it describes "
+                    f"this optimizer's update rule ({self.defaults[key]!r})"
+                )
         super().add_param_group(param_group)
 
     def __getstate__(self):
@@ -198,15 +206,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     f"{self.update_rule.state_size} state floats per coordinate (its groups record "
                     f"{group.get('recurrent_state_size')!r}); load it into the optimizer that saved it"
                 )
-            saved_digest = group.get("weights_digest")
-            if saved_digest is not None and digest is not None and saved_digest != digest:
-                name = self.release_config.get("name", "<unnamed>")
-                raise ValueError(
-                    f"this state dict was saved by a LearnedOptimizer running other weights than "
-                    f"{name!r} (weights digest {saved_digest}, these weights {digest}); its "
-                    "recurrent state is meaningless to this network. Load it into an optimizer "
-                    "built with the weights that saved it"
-                )
+            self._refuse_other_weights(group.get("weights_digest"))
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         if len(saved_ids) != len(params):
@@ -220,10 +220,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         super().load_state_dict(state_dict)
         for group in self.param_groups:
-            # torch replaces each group by the saved one; a dict saved by an earlier version of
-            # this optimizer has no digest, and the next state_dict should have ours.
-            if group.get("weights_digest") is None:
-                group["weights_digest"] = digest
+            # torch replaces each group by the saved one, whose digest may be missing (an earlier
+            # version of this optimizer) or another's (saved with weights given as a module).
+            group["weights_digest"] = digest
 
         for index, p in enumerate(params):
             if index in recurrent:
@@ -297,6 +296,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 loss = closure()
 
         self._refuse_sparse_gradients()
+        for group in self.param_groups:
+            self._refuse_other_weights(group.get("weights_digest"))
 
         work = []
         for group in self.param_groups:
@@ -312,6 +313,36 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         self._report_skips(work)
         return loss
+
+    def _refuse_other_weights(self, saved_digest):
+        digest = self.defaults["weights_digest"]
+        if saved_digest is not None and digest is not None and saved_digest != digest:
+            name = self.release_config.get("name", "<unnamed>")
+            raise ValueError(
+                f"this optimizer state was saved by a LearnedOptimizer running other weights than "
+                f"{name!r} (weights digest {saved_digest}, these weights {digest}); its recurrent "
+                "state is meaningless to this network. Load it into an optimizer built with the "
+                "weights that saved it"
+            )
+
+    def _check_loaded_state(self, group, p, state, numel):
+        """Check a parameter's existing state before the step uses it.
+
+        load_state_dict checks state as it loads it, but torch.distributed's
+        ZeroRedundancyOptimizer writes loaded state straight into ``self.state``: what it wrote is
+        checked here, before any parameter moves, and stored in ``state_dtype``.
+        """
+        for key, expected in _state_shapes(self.update_rule, numel).items():
+            value = state.get(key)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(expected):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else value
+                raise ValueError(
+                    f"optimizer state {key!r} of {_describe(group, p)} is {shape!r}, expected "
+                    f"shape {tuple(expected)}: it was loaded from a state dict of another model "
+                    "or update rule; nothing was changed"
+                )
+            if _is_coordinatewise(self.update_rule) and value.dtype != self.state_dtype:
+                state[key] = value.to(self.state_dtype)
 
     def _refuse_sparse_gradients(self):
         # Checked for every group before any update, so that a refused step moves nothing.
@@ -345,6 +376,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     grad.numel(), device=p.device, dtype=self.state_dtype
                 )
                 state.update(initial if isinstance(initial, dict) else {"lstm_state": initial})
+            else:
+                self._check_loaded_state(group, p, state, grad.numel())
             params.append(p)
             grads.append(grad)
             states.append(state)

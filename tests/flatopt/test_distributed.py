@@ -135,3 +135,48 @@ def test_gradient_placed_unlike_its_parameter_is_refused(tmp_path):
 
 def _run_job(mode, out_dir, weights):
     run_job([sys.executable, str(JOB), mode, str(out_dir), *weights], out_dir, JOB_TIMEOUT_S, mode)
+
+
+@pytest.fixture
+def single_process_group():
+    """A gloo process group of this process alone, for what needs no second rank."""
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_zero_state_saved_with_other_weights_is_refused_before_anything_moves(
+    single_process_group,
+):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from tests.flatopt.rule_cases import make_model, train_steps
+
+    def zero(model, weights):
+        return ZeroRedundancyOptimizer(
+            model.parameters(), optimizer_class=flatopt.LearnedOptimizer, weights=weights
+        )
+
+    model = make_model()
+    saving = zero(model, "dm-cl")
+    train_steps(model, saving, 2)
+    saving.consolidate_state_dict(to=0)
+    saved = saving.state_dict()
+
+    loading = zero(model, "dm-cl-entropy")
+    train_steps(model, loading, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    # ZeroRedundancyOptimizer loads the state around LearnedOptimizer.load_state_dict; the next
+    # step checks what it loaded.
+    loading.load_state_dict(saved)
+    with pytest.raises(ValueError, match="other weights than 'dm-cl-entropy'"):
+        train_steps(model, loading, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    same = zero(model, "dm-cl")
+    same.load_state_dict(saved)
+    train_steps(model, same, 1)

@@ -9,7 +9,9 @@ import copy
 import io
 import logging
 import math
+import os
 import platform
+import time
 import warnings
 
 import pytest
@@ -392,6 +394,32 @@ def test_steps_allocate_nothing_that_grows_with_the_model(implementation):
     # One byte per coordinate would be 200 KB. The torch path's buffers were made by the first
     # step; what remains is e.g. the 14 KB block that torch's transposing copy allocates.
     assert peak < 64_000
+
+
+def _build_lock(monkeypatch, tmp_path, age_s):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = cpp_extension._get_build_directory("flatopt_lock_test", False)
+    lock = os.path.join(folder, "lock")
+    open(lock, "w").close()
+    os.utime(lock, (time.time() - age_s,) * 2)
+    return lock
+
+
+def test_a_lock_left_by_a_killed_build_is_removed(monkeypatch, tmp_path, caplog):
+    lock = _build_lock(monkeypatch, tmp_path, age_s=native_kernel.STALE_LOCK_SECONDS + 60)
+    with caplog.at_level(logging.WARNING, logger="flatopt.native_kernel"):
+        native_kernel._clear_stale_lock("flatopt_lock_test")
+    assert not os.path.exists(lock)
+    assert "stale build lock" in caplog.text
+
+
+def test_a_young_build_lock_is_waited_for_until_it_is_stale(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native_kernel, "STALE_LOCK_SECONDS", 2)
+    lock = _build_lock(monkeypatch, tmp_path, age_s=0)
+    with caplog.at_level(logging.WARNING, logger="flatopt.native_kernel"):
+        native_kernel._clear_stale_lock("flatopt_lock_test")
+    assert not os.path.exists(lock)
+    assert "waiting for another process's build" in caplog.text
 
 
 def test_the_kernel_falls_back_silently_without_a_compiler(monkeypatch, caplog):

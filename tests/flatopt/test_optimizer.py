@@ -250,6 +250,71 @@ def test_state_dict_saved_with_other_weights_of_the_same_architecture_is_refused
     flatopt.LearnedOptimizer(model.parameters(), saving).load_state_dict(opt.state_dict())
 
 
+def _snapshot(model, opt):
+    params = [p.detach().clone() for p in model.parameters()]
+    return params, {p: copy.deepcopy(recurrent_state(opt, p)) for p in model.parameters()}
+
+
+def _unchanged(model, opt, snapshot):
+    params, states = snapshot
+    return all(torch.equal(a, b) for a, b in zip(params, model.parameters())) and all(
+        states_equal(states[p], recurrent_state(opt, p)) for p in model.parameters()
+    )
+
+
+def test_state_written_around_load_state_dict_is_checked_at_the_next_step():
+    # torch.distributed's ZeroRedundancyOptimizer loads state this way: straight into opt.state,
+    # and the saved groups' settings into opt.param_groups.
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters(), "dm-cl")
+    train_steps(model, opt, 1)
+    first = next(iter(model.parameters()))
+    snapshot = _snapshot(model, opt)
+    good = opt.state[first]["lstm_state"]
+    opt.state[first]["lstm_state"] = torch.zeros(3, good.shape[1])
+    with pytest.raises(ValueError, match="expected shape"):
+        train_steps(model, opt, 1)
+    opt.state[first]["lstm_state"] = good
+    assert _unchanged(model, opt, snapshot)
+    other = flatopt.LearnedOptimizer(model.parameters(), "dm-cl-entropy")
+    opt.param_groups[0]["weights_digest"] = other.defaults["weights_digest"]
+    with pytest.raises(ValueError, match="other weights than 'dm-cl'"):
+        train_steps(model, opt, 1)
+    assert _unchanged(model, opt, snapshot)
+
+
+def test_float32_state_written_into_a_bfloat16_optimizer_is_stored_in_bfloat16():
+    model = make_model()
+    saving = flatopt.LearnedOptimizer(model.parameters(), "dm-cl")
+    train_steps(model, saving, 1)
+    opt = flatopt.LearnedOptimizer(model.parameters(), "dm-cl", state_dtype=torch.bfloat16)
+    for p in model.parameters():
+        opt.state[p] = copy.deepcopy(saving.state[p])  # as ZeroRedundancyOptimizer loads it
+    train_steps(model, opt, 1)
+    assert all(opt.state[p]["lstm_state"].dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_optimizer_given_a_module_does_not_take_over_a_saved_digest():
+    model = make_model()
+    saving = flatopt.LearnedOptimizer(model.parameters(), "dm-cl")
+    train_steps(model, saving, 1)
+    rule, _ = flatopt.load_release(flatopt.resolve_weights("dm-cl-entropy"))
+    in_memory = flatopt.LearnedOptimizer(model.parameters(), rule)
+    in_memory.load_state_dict(saving.state_dict())  # no digest of its own: nothing to compare
+    assert all(g["weights_digest"] is None for g in in_memory.state_dict()["param_groups"])
+
+
+@pytest.mark.parametrize("key, value", [("weights_digest", "0" * 16), ("recurrent_state_size", 21)])
+def test_a_parameter_group_cannot_claim_another_update_rule(key, value):
+    model = make_model()
+    layers = list(model.children())
+    opt = flatopt.LearnedOptimizer(layers[0].parameters(), "dm-cl")
+    with pytest.raises(ValueError, match=f"may not set {key}"):
+        opt.add_param_group({"params": list(layers[2].parameters()), key: value})
+    same = opt.defaults[key]
+    opt.add_param_group({"params": list(layers[2].parameters()), key: same})
+
+
 def test_state_dict_without_a_weights_digest_still_loads_and_gains_one():
     model = make_model()
     opt = flatopt.LearnedOptimizer(model.parameters(), "dm-cl")
