@@ -27,7 +27,6 @@ import os
 import platform
 import sys
 import threading
-import time
 
 import torch
 
@@ -35,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 # The kernel is specialised for the released architecture: 20 units per cell.
 HIDDEN_SIZE = 20
-# A build lock older than this is taken as left by a killed build (a build takes about 30 s).
-STALE_LOCK_SECONDS = 180
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -476,14 +473,14 @@ def _build(extra_cflags=()):
             "building flatopt's native step kernel %s (once per machine; may take a minute)", name
         )
         try:
-            _clear_stale_lock(name)
-            return load_inline(
-                name,
-                cpp_sources=_SOURCE,
-                extra_cflags=cflags,
-                extra_ldflags=ldflags,
-                verbose=False,
-            )
+            with _build_guard(name), _quiet_torch_build_log():
+                return load_inline(
+                    name,
+                    cpp_sources=_SOURCE,
+                    extra_cflags=cflags,
+                    extra_ldflags=ldflags,
+                    verbose=False,
+                )
         # No compiler, no ninja, no OpenMP, a failed build or load: try the next, then the torch
         # path.
         except Exception as exc:  # noqa: BLE001
@@ -492,44 +489,73 @@ def _build(extra_cflags=()):
     return None
 
 
-def _clear_stale_lock(name):
-    """Remove a build lock left by a process killed while building ``name``.
+@contextlib.contextmanager
+def _build_guard(name):
+    """Hold flatopt's lock on the build of ``name``, and clear a lock left by a killed build.
 
-    torch waits without limit while another process holds the lock of an extension's build
-    folder, and a killed build never releases it. A build takes about half a minute, so a lock
-    older than :data:`STALE_LOCK_SECONDS` is taken as stale; a younger one is waited for until it
-    goes away or becomes stale.
+    torch marks a build in progress with an empty ``lock`` file in the build folder, which other
+    processes wait on without limit and which a killed build never removes. flatopt builds under
+    its own lock as well: an ``flock`` on a file beside it, which the operating system releases
+    when its holder exits, however it exits. Whoever holds it is the only flatopt process
+    building ``name``, so a torch lock present then was left by a killed build; a build in
+    progress, however slow, is waited for and never broken. Where the lock cannot be taken (no
+    ``fcntl``, a file system without ``flock``), the build goes on without it.
     """
-    from torch.utils import cpp_extension
-
     try:
-        lock = os.path.join(cpp_extension._get_build_directory(name, False), "lock")
-    except Exception:  # noqa: BLE001 (a private helper of torch's; without it, torch decides)
+        import fcntl
+
+        from torch.utils import cpp_extension
+
+        folder = cpp_extension._get_build_directory(name, False)
+        handle = open(os.path.join(folder, "flatopt.lock"), "a")  # noqa: SIM115 (held below)
+    except Exception:  # noqa: BLE001 (a private helper of torch's, a read-only folder: build as torch does)
+        yield
         return
-    warned = False
-    while True:
+    with handle:
         try:
-            age = time.time() - os.path.getmtime(lock)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.warning(
+                    "waiting for another process's build of flatopt's native step kernel (%s)",
+                    folder,
+                )
+                fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError:
-            return  # no lock
-        if age > STALE_LOCK_SECONDS:
+            yield
+            return
+        lock = os.path.join(folder, "lock")
+        if os.path.exists(lock):
             logger.warning(
-                "removing the stale build lock %s (%.0f s old), left by an interrupted build of "
-                "flatopt's native step kernel",
+                "removing the build lock %s, left by an interrupted build of flatopt's native "
+                "step kernel",
                 lock,
-                age,
             )
             with contextlib.suppress(OSError):
                 os.remove(lock)
-            return
-        if not warned:
-            logger.warning(
-                "waiting for another process's build of flatopt's native step kernel (lock %s); "
-                "if none is running, delete the lock to go on now",
-                lock,
-            )
-            warned = True
-        time.sleep(1.0)
+        yield  # the flock goes with the file
+
+
+@contextlib.contextmanager
+def _quiet_torch_build_log():
+    """Pass torch's build warnings (e.g. about an unexpected compiler) to this module's log.
+
+    A failed build is not an error for flatopt, which then uses torch operators, so what torch
+    says about it goes to flatopt's logger at INFO level instead of the user's console.
+    """
+    source = logging.getLogger("torch.utils.cpp_extension")
+
+    def divert(record):
+        if record.levelno >= logging.WARNING:
+            logger.info("torch, building the kernel: %s", record.getMessage())
+            return False
+        return True
+
+    source.addFilter(divert)
+    try:
+        yield
+    finally:
+        source.removeFilter(divert)
 
 
 def _build_digest(flags):

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -47,7 +48,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
     untouched for that step, its recurrent state and step count kept, and a ``RuntimeWarning``
     names it (at once on the CPU; on accelerators the count is kept on the device and reported every
     100 steps, to avoid a host synchronisation per step). With ``nonfinite="raise"`` the step raises
-    ``FloatingPointError`` before any parameter of any group moves.
+    ``FloatingPointError`` before any parameter of any group moves. A recurrent state that is not
+    finite is refused by :meth:`load_state_dict`; one corrupted where no check sees it (written into
+    ``self.state``, or into tensors a state dict shares with it) yields non-finite updates, which
+    are treated as above, except that the step's states have been written by then.
 
     The step runs the update rule's in-place step where it has one (the LSTM rule does): each
     coordinate's recurrent state is overwritten where it lies, a chunk at a time, so the step needs
@@ -86,9 +90,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             from float32 ones. State dicts keep the storage type of the optimizer that loads them.
 
     Raises:
-        ValueError: For a negative ``lr`` or ``weight_decay``, a non-positive ``max_update``, an
-            unknown ``nonfinite`` policy, an unsupported ``state_dtype``, or weights that cannot be
-            loaded.
+        ValueError: For a negative or infinite ``lr`` or ``weight_decay``, a non-positive
+            ``max_update``, an unknown ``nonfinite`` policy, an unsupported ``state_dtype``, or
+            weights that cannot be loaded.
     """
 
     def __init__(
@@ -148,10 +152,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """Add a parameter group, checking its own settings like the constructor's.
 
         Raises:
-            ValueError: For a negative ``lr`` or ``weight_decay``, a non-positive ``max_update``,
-                an unknown ``nonfinite`` policy in the group, or a ``recurrent_state_size`` or
-                ``weights_digest`` other than this optimizer's (they describe its update rule, not
-                the group).
+            ValueError: For a negative or infinite ``lr`` or ``weight_decay``, a non-positive
+                ``max_update``, an unknown ``nonfinite`` policy in the group, or a
+                ``recurrent_state_size`` or ``weights_digest`` other than this optimizer's (they
+                describe its update rule, not the group).
         """
         _check_hyperparameters(param_group)
         for key in ("recurrent_state_size", "weights_digest"):
@@ -228,9 +232,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if index in recurrent:
                 # torch has cast the state to the parameter's dtype; it is stored in state_dtype.
                 for key, value in recurrent[index].items():
-                    self.state[p][key] = value.to(
-                        p.device, self.state_dtype, copy=True
-                    ).contiguous()
+                    self.state[p][key] = value.to(p.device, copy=True).contiguous()
                 # torch keeps "step" where it was saved; the step counts on the parameter's device.
                 self.state[p]["step"] = self.state[p]["step"].to(p.device, torch.float32)
         if global_state is not None:
@@ -245,12 +247,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"{sorted(['step', *shapes])}: this state dict was not saved by a LearnedOptimizer "
                 "with this update rule"
             )
+        stored = {}
         for key, expected in shapes.items():
-            _check_state_tensor(
-                entry[key],
-                expected,
-                f"optimizer state of parameter {index} (shape {tuple(p.shape)}) holds a {key}",
-            )
+            what = f"optimizer state of parameter {index} (shape {tuple(p.shape)}) holds a {key}"
+            _check_state_tensor(entry[key], expected, what)
+            # A finite float64 value can overflow float32, and a float32 one bfloat16.
+            stored[key] = entry[key].to(self.state_dtype)
+            if not _all_finite(stored[key]):
+                raise ValueError(
+                    f"{what} with values beyond the range of {self.state_dtype}, the state dtype of "
+                    "this optimizer"
+                )
         step = entry["step"]
         if (
             not isinstance(step, torch.Tensor)
@@ -258,7 +265,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             or not torch.isfinite(step).all()
         ):
             raise ValueError(f"optimizer state of parameter {index} has an invalid step {step!r}")
-        return {key: entry[key] for key in shapes}
+        return stored
 
     def _checked_global_state(self, entry):
         if _is_coordinatewise(self.update_rule):
@@ -300,13 +307,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self._refuse_other_weights(group.get("weights_digest"))
 
         work = []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params, grads, states = self._gather(group)
             if params:
-                work.append(self._judge(group, params, grads, states))
+                work.append(self._judge(index, group, params, grads, states))
 
         self._raise_on_bad_tensors(work)
 
+        for group_step in work:
+            self._compute_updates(group_step)
+        # Updates the judgement could not see (see _compute_updates) are refused here, before any
+        # parameter moves.
+        self._raise_on_bad_tensors(work)
         for group_step in work:
             self._write_back(group_step)
         self._advance_global_state(work)
@@ -383,8 +395,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             states.append(state)
         return params, grads, states
 
-    def _judge(self, group, params, grads, states):
-        """Decide which tensors of a group are good this step, before any state changes."""
+    def _judge(self, index, group, params, grads, states):
+        """Decide which tensors of group ``index`` are good this step, before any state changes."""
         rule = self.update_rule.to(grads[0].device)
         finite = [_all_finite(g) for g in grads]
         if not _is_coordinatewise(rule):
@@ -395,12 +407,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
             return _GroupStep(group, params, grads, states, good, updates, new_states)
 
         sizes = [g.numel() for g in grads]
-        updates = self._workspace.buffer("updates", (sum(sizes),), grads[0].device).split(sizes)
+        # Each group's updates stay until every group's are computed, so each has its own buffer.
+        buffer = self._workspace.buffer(f"updates {index}", (sum(sizes),), grads[0].device)
+        updates = buffer.split(sizes)
         max_update = group["max_update"]
         if rule.update_bound(self._workspace) * (1 + _BOUND_SLACK) <= max_update:
-            return _GroupStep(group, params, grads, states, finite, updates)
+            return _GroupStep(group, params, grads, states, finite, updates, unchecked=buffer)
         # The bound does not exclude updates above max_update: compute them without touching the
-        # state, then again for real in _write_back.
+        # state, then again for real in _compute_updates.
         self._run_inplace_step(rule, group, grads, states, updates, finite, write_state=False)
         # NaN fails the comparison, so this also catches a non-finite update.
         good = [ok & (u.abs() <= max_update).all() for ok, u in zip(finite, updates)]
@@ -511,7 +525,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             warnings.warn(
                 f"LearnedOptimizer: skipped the update of {', '.join(skipped_here)}: a non-finite "
                 "gradient or learned update (or one above max_update); those parameters and their "
-                "optimizer state are unchanged.",
+                "optimizer state are unchanged. A learned update that is not finite for a finite "
+                "gradient means their optimizer state is not finite: load a good state dict.",
                 RuntimeWarning,
                 stacklevel=5,  # the caller of step(), past the no_grad and hook wrappers
             )
@@ -541,17 +556,28 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     stacklevel=5,  # the caller of step(), past the no_grad and hook wrappers
                 )
 
+    def _compute_updates(self, item):
+        """Run the in-place step of a group judged by its gradients alone, writing its state."""
+        if item.new_states is not None:
+            return
+        self._run_inplace_step(
+            self.update_rule,
+            item.group,
+            item.grads,
+            item.states,
+            item.updates,
+            item.good,
+            write_state=True,
+        )
+        if item.unchecked is not None:
+            # The rule's bound holds for a finite recurrent state. One corrupted where no check
+            # could see it (written into self.state directly, or into the tensors a state dict
+            # shares with it) yields non-finite updates, which must not reach the parameters. On
+            # the CPU one pass over the group's updates clears the usual case at once.
+            if item.unchecked.device.type != "cpu" or not _all_finite(item.unchecked):
+                item.good = [ok & _all_finite(u) for ok, u in zip(item.good, item.updates)]
+
     def _write_back(self, item):
-        if item.new_states is None:
-            self._run_inplace_step(
-                self.update_rule,
-                item.group,
-                item.grads,
-                item.states,
-                item.updates,
-                item.good,
-                write_state=True,
-            )
         lr, weight_decay = item.group["lr"], item.group["weight_decay"]
         for index, (p, update, ok) in enumerate(zip(item.params, item.updates, item.good)):
             state = self.state[p]
@@ -592,13 +618,22 @@ class _GroupStep:
     # Per parameter, a dict from state key to its next value, computed by the rule's forward or
     # tensor_step; None for the in-place step.
     new_states: list = None
+    # The buffer of all the group's updates where, once computed, they still need checking for
+    # non-finite values; else None.
+    unchecked: torch.Tensor = None
 
 
 def _check_hyperparameters(settings):
     # Validates whichever of the settings are present: groups may rely on the defaults.
     checks = {
-        "lr": (lambda v: v >= 0, "Invalid learning rate: {}; it must be >= 0"),
-        "weight_decay": (lambda v: v >= 0, "Invalid weight_decay value: {}; it must be >= 0"),
+        "lr": (
+            lambda v: 0 <= v < math.inf,
+            "Invalid learning rate: {}; it must be finite and >= 0",
+        ),
+        "weight_decay": (
+            lambda v: 0 <= v < math.inf,
+            "Invalid weight_decay value: {}; it must be finite and >= 0",
+        ),
         "max_update": (lambda v: v > 0, "Invalid max_update value: {}; it must be > 0"),
     }
     for key, (valid, message) in checks.items():

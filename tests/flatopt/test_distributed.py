@@ -180,3 +180,25 @@ def test_zero_state_saved_with_other_weights_is_refused_before_anything_moves(
     same = zero(model, "dm-cl")
     same.load_state_dict(saved)
     train_steps(model, same, 1)
+
+
+def test_zero_state_with_nan_never_reaches_the_parameters(single_process_group):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from tests.flatopt.rule_cases import make_model, train_steps
+
+    model = make_model()
+    opt = ZeroRedundancyOptimizer(
+        model.parameters(), optimizer_class=flatopt.LearnedOptimizer, weights="dm-cl"
+    )
+    train_steps(model, opt, 1)
+    opt.consolidate_state_dict(to=0)
+    saved = opt.state_dict()
+    saved["state"][0]["lstm_state"][:] = float("nan")
+    opt.load_state_dict(saved)
+    first = next(iter(model.parameters()))
+    before = first.detach().clone()
+    with pytest.warns(RuntimeWarning, match="optimizer state is not finite"):
+        train_steps(model, opt, 1)
+    assert torch.equal(first, before)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

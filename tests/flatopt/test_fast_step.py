@@ -11,7 +11,9 @@ import logging
 import math
 import os
 import platform
-import time
+import subprocess
+import sys
+import threading
 import warnings
 
 import pytest
@@ -396,30 +398,81 @@ def test_steps_allocate_nothing_that_grows_with_the_model(implementation):
     assert peak < 64_000
 
 
-def _build_lock(monkeypatch, tmp_path, age_s):
+def _torch_build_lock(monkeypatch, tmp_path):
+    """Create the lock torch makes for a build of "flatopt_lock_test" and return its path."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     folder = cpp_extension._get_build_directory("flatopt_lock_test", False)
     lock = os.path.join(folder, "lock")
     open(lock, "w").close()
-    os.utime(lock, (time.time() - age_s,) * 2)
     return lock
 
 
+# Takes flatopt's build lock the way a building process does, then waits to be killed.
+_HOLD_BUILD_LOCK = """
+import fcntl, os, sys, time
+handle = open(os.path.join(sys.argv[1], "flatopt.lock"), "a")
+fcntl.flock(handle, fcntl.LOCK_EX)
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
 def test_a_lock_left_by_a_killed_build_is_removed(monkeypatch, tmp_path, caplog):
-    lock = _build_lock(monkeypatch, tmp_path, age_s=native_kernel.STALE_LOCK_SECONDS + 60)
-    with caplog.at_level(logging.WARNING, logger="flatopt.native_kernel"):
-        native_kernel._clear_stale_lock("flatopt_lock_test")
-    assert not os.path.exists(lock)
-    assert "stale build lock" in caplog.text
+    lock = _torch_build_lock(monkeypatch, tmp_path)
+    with (
+        caplog.at_level(logging.WARNING, logger="flatopt.native_kernel"),
+        native_kernel._build_guard("flatopt_lock_test"),
+    ):
+        assert not os.path.exists(lock)
+    assert "left by an interrupted build" in caplog.text
 
 
-def test_a_young_build_lock_is_waited_for_until_it_is_stale(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(native_kernel, "STALE_LOCK_SECONDS", 2)
-    lock = _build_lock(monkeypatch, tmp_path, age_s=0)
-    with caplog.at_level(logging.WARNING, logger="flatopt.native_kernel"):
-        native_kernel._clear_stale_lock("flatopt_lock_test")
+@pytest.mark.skipif(sys.platform == "win32", reason="the kernel is not built on Windows")
+def test_a_build_in_progress_is_waited_for_and_its_lock_cleared_once_it_is_killed(
+    monkeypatch, tmp_path, caplog
+):
+    lock = _torch_build_lock(monkeypatch, tmp_path)
+    builder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_BUILD_LOCK, os.path.dirname(lock)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert builder.stdout.readline().strip() == "holding"
+        entered = threading.Event()
+
+        def build():
+            with native_kernel._build_guard("flatopt_lock_test"):
+                entered.set()
+
+        with caplog.at_level(logging.WARNING, logger="flatopt.native_kernel"):
+            waiter = threading.Thread(target=build)
+            waiter.start()
+            # However long the build in progress takes, its lock stays.
+            assert not entered.wait(2.0)
+            assert os.path.exists(lock)
+            builder.kill()  # as kill -9: its lock file stays behind
+            builder.wait()
+            assert entered.wait(30.0)
+            waiter.join()
+    finally:
+        builder.kill()
+        builder.wait()
+        builder.stdout.close()
     assert not os.path.exists(lock)
     assert "waiting for another process's build" in caplog.text
+    assert "left by an interrupted build" in caplog.text
+
+
+def test_torch_build_warnings_go_to_the_log_not_the_console(caplog):
+    torch_log = logging.getLogger("torch.utils.cpp_extension")
+    with caplog.at_level(logging.INFO, logger="flatopt.native_kernel"):
+        with native_kernel._quiet_torch_build_log():
+            torch_log.warning("Your compiler (%s) is not compatible", "cc")
+        torch_log.warning("after the build")
+    shown = [r for r in caplog.records if r.name == "torch.utils.cpp_extension"]
+    assert [r.getMessage() for r in shown] == ["after the build"]
+    assert "torch, building the kernel: Your compiler (cc) is not compatible" in caplog.text
 
 
 def test_the_kernel_falls_back_silently_without_a_compiler(monkeypatch, caplog):

@@ -283,6 +283,50 @@ def test_state_written_around_load_state_dict_is_checked_at_the_next_step():
     assert _unchanged(model, opt, snapshot)
 
 
+@pytest.mark.parametrize(
+    "saved_dtype, huge, state_dtype",
+    [(torch.float64, 1e300, torch.float32), (torch.float32, 3.4e38, torch.bfloat16)],
+)
+def test_state_that_overflows_the_state_dtype_is_refused_without_change(
+    saved_dtype, huge, state_dtype
+):
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters(), "dm-cl", state_dtype=state_dtype)
+    train_steps(model, opt, 1)
+    saved = copy.deepcopy(opt.state_dict())
+    first = saved["state"][0]
+    first["lstm_state"] = torch.full(first["lstm_state"].shape, huge, dtype=saved_dtype)
+    snapshot = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=f"beyond the range of {state_dtype}"):
+        opt.load_state_dict(saved)
+    assert _unchanged(model, opt, snapshot)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_state_corrupted_where_no_load_check_sees_it_never_reaches_the_parameters(nonfinite):
+    # A state dict shares its tensors with the optimizer, so writing into one writes into the
+    # other, unchecked.
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(
+        [{"params": model[0].parameters()}, {"params": model[2].parameters()}],
+        "dm-cl",
+        nonfinite=nonfinite,
+    )
+    train_steps(model, opt, 1)
+    opt.state_dict()["state"][3]["lstm_state"][0, 0] = float("nan")  # model[2].bias
+    before = [p.detach().clone() for p in model.parameters()]
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match="parameter 1 of its group"):
+            train_steps(model, opt, 1)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        return
+    with pytest.warns(RuntimeWarning, match="optimizer state is not finite"):
+        train_steps(model, opt, 1)
+    changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
+    assert changed == [True, True, True, False]
+    assert opt.state[model[2].bias]["step"].item() == 1
+
+
 def test_float32_state_written_into_a_bfloat16_optimizer_is_stored_in_bfloat16():
     model = make_model()
     saving = flatopt.LearnedOptimizer(model.parameters(), "dm-cl")
@@ -332,7 +376,13 @@ def test_state_dict_without_a_weights_digest_still_loads_and_gains_one():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message", [({"lr": -1.0}, "learning rate"), ({"weight_decay": -0.1}, "weight_decay")]
+    "kwargs, message",
+    [
+        ({"lr": -1.0}, "learning rate"),
+        ({"lr": float("inf")}, "learning rate"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"weight_decay": float("inf")}, "weight_decay"),
+    ],
 )
 def test_invalid_hyperparameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
