@@ -256,6 +256,14 @@ def _torch_chunk(network, grad, rows, workspace):
     h1, c1 = rows[2 : 2 + hidden], rows[2 + hidden : 2 + 2 * hidden]
     h2, c2 = rows[2 + 2 * hidden : 2 + 3 * hidden], rows[2 + 3 * hidden :]
 
+    # 0 where a coordinate's state is finite, NaN elsewhere: the cells would squash an infinite
+    # state into a finite update, and the caller must see that the state is corrupt.
+    low = workspace.buffer("low", (length,), device)
+    high = workspace.buffer("high", (length,), device)
+    torch.amin(rows[2:], dim=0, out=low)
+    torch.amax(rows[2:], dim=0, out=high)
+    state_check = low.mul_(0.0).add_(high.mul_(0.0))
+
     _preprocess_into(grad, network.preprocess_p, rows[0], rows[1], scratch[0], small)
 
     torch.addmm(network.cell1_bias, network.cell1_weight, rows[: 2 + hidden], out=gates)
@@ -266,7 +274,8 @@ def _torch_chunk(network, grad, rows, workspace):
 
     update = workspace.buffer("update", (1, length), device)
     torch.addmm(network.output_bias, network.output_weight, h2, out=update)
-    return update[0].mul_(network.output_scale)
+    update = update[0].mul_(network.output_scale)
+    return torch.where(torch.eq(state_check, 0.0, out=small), update, state_check, out=update)
 
 
 def _preprocess_into(grad, p, log_part, sign_part, scratch, small):

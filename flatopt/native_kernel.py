@@ -323,6 +323,13 @@ void step_tile(const float* grad, S* state, float* update, int n, const Network&
   vf* const h2 = c1 + kHidden;
   vf* const c2 = h2 + kHidden;
   load_tile(state, n, h1);
+  // 0 in lanes whose state is finite, NaN in the others: the cells would squash an infinite
+  // state into a finite update, and the caller must see that the state is corrupt.
+  vf corrupt[4] = {};
+  for (int k = 0; k < kState; k += 4) {
+    for (int a = 0; a < 4; ++a) corrupt[a] += h1[k + a] * 0.0f;
+  }
+  const vf state_check = (corrupt[0] + corrupt[1]) + (corrupt[2] + corrupt[3]);
 
   vf g;
   if (n == kWidth) {
@@ -348,6 +355,7 @@ void step_tile(const float* grad, S* state, float* update, int n, const Network&
   vf u = splat(net.bo);
   for (int k = 0; k < kHidden; ++k) u += net.wo[k] * h2_new[k];
   u *= net.scale;
+  u = select(state_check == state_check, u, state_check);
   if (n == kWidth) {
     std::memcpy(update, &u, sizeof(vf));
   } else {

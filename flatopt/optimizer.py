@@ -26,6 +26,14 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 # so that the guard never forces a host synchronisation on every step.
 _REPORT_EVERY = 100
 NONFINITE_POLICIES = ("skip", "raise")
+# A corrupt state is seen only through the updates it yields.
+_CORRUPT_STATE_HINT = (
+    " A non-finite update for a finite gradient means the optimizer state itself is not finite"
+    " (written past load_state_dict's checks): load a good state dict."
+)
+_STATES_WRITTEN_NOTE = (
+    " The recurrent states of this step had been written before its updates could be checked."
+)
 # Key of ``self.state`` under which a hierarchical rule's model-wide state is kept; torch's
 # Optimizer.state_dict passes entries that are not parameters through unchanged.
 GLOBAL_STATE_KEY = "global_state"
@@ -282,10 +290,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"the {GLOBAL_STATE_KEY!r} entry of this state dict is not a dict with the key "
                 "'hidden': it was not saved by a LearnedOptimizer with this update rule"
             )
-        _check_state_tensor(
-            entry["hidden"], self.update_rule.global_state_shape, "the global state holds a tensor"
-        )
-        return entry["hidden"]
+        what = "the global state holds a tensor"
+        _check_state_tensor(entry["hidden"], self.update_rule.global_state_shape, what)
+        hidden = entry["hidden"].to(torch.float32)
+        if not _all_finite(hidden):
+            raise ValueError(f"{what} with values beyond the range of float32")
+        return hidden
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -304,7 +314,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         self._refuse_sparse_gradients()
         for group in self.param_groups:
+            # torch.distributed's ZeroRedundancyOptimizer copies saved groups' settings in
+            # without load_state_dict.
             self._refuse_other_weights(group.get("weights_digest"))
+            _check_hyperparameters(group, tensors=False)
 
         work = []
         for index, group in enumerate(self.param_groups):
@@ -318,7 +331,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self._compute_updates(group_step)
         # Updates the judgement could not see (see _compute_updates) are refused here, before any
         # parameter moves.
-        self._raise_on_bad_tensors(work)
+        self._raise_on_bad_tensors(work, states_written=True)
         for group_step in work:
             self._write_back(group_step)
         self._advance_global_state(work)
@@ -354,7 +367,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     "or update rule; nothing was changed"
                 )
             if _is_coordinatewise(self.update_rule) and value.dtype != self.state_dtype:
-                state[key] = value.to(self.state_dtype)
+                state[key] = value = value.to(self.state_dtype)
+            if not value.is_contiguous():
+                state[key] = value.contiguous()
 
     def _refuse_sparse_gradients(self):
         # Checked for every group before any update, so that a refused step moves nothing.
@@ -445,6 +460,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         # Every group of a step reads the global state of the previous step; it advances in
         # _advance_global_state once all groups are written.
         global_state = self._global_state(rule, grads[0].device)
+        # The GRUs would squash an infinite state into finite updates: a state corrupted where no
+        # load check saw it marks its tensor (or, the global state, every tensor) bad.
+        global_ok = _all_finite(global_state)
         updates, new_states, good = [], [], []
         for grad, ok, state in zip(grads, finite, states):
             # As in _apply_forward, a non-finite gradient is read as zero, and discarded later.
@@ -455,7 +473,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             update, new_state = rule.tensor_step(grad, tensor_state, global_state, chunk=_CHUNK)
             updates.append(update)
             new_states.append(new_state)
-            good.append(ok & (update.abs() <= group["max_update"]).all())
+            for value in tensor_state.values():
+                ok = ok & _all_finite(value)
+            good.append(ok & global_ok & (update.abs() <= group["max_update"]).all())
         return updates, new_states, good
 
     def _global_state(self, rule, device):
@@ -497,7 +517,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             workspace=self._workspace,
         )
 
-    def _raise_on_bad_tensors(self, work):
+    def _raise_on_bad_tensors(self, work, states_written=False):
         if all(item.group["nonfinite"] != "raise" for item in work):
             return
         for item in work:
@@ -509,6 +529,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                         f"LearnedOptimizer: non-finite gradient or learned update (or one above "
                         f"max_update={group['max_update']}) in {', '.join(bad)}; no parameter was "
                         "changed. Lower the learning rate or check the loss for overflow."
+                        + _CORRUPT_STATE_HINT
+                        + _STATES_WRITTEN_NOTE * states_written
                     )
 
     def _report_skips(self, work):
@@ -525,8 +547,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             warnings.warn(
                 f"LearnedOptimizer: skipped the update of {', '.join(skipped_here)}: a non-finite "
                 "gradient or learned update (or one above max_update); those parameters and their "
-                "optimizer state are unchanged. A learned update that is not finite for a finite "
-                "gradient means their optimizer state is not finite: load a good state dict.",
+                "optimizer state are unchanged." + _CORRUPT_STATE_HINT,
                 RuntimeWarning,
                 stacklevel=5,  # the caller of step(), past the no_grad and hook wrappers
             )
@@ -623,8 +644,12 @@ class _GroupStep:
     unchecked: torch.Tensor = None
 
 
-def _check_hyperparameters(settings):
-    # Validates whichever of the settings are present: groups may rely on the defaults.
+def _check_hyperparameters(settings, tensors=True):
+    """Raise ``ValueError`` for an invalid setting among those present.
+
+    Groups may rely on the defaults. ``tensors=False`` leaves tensor settings unchecked (reading
+    one on an accelerator would wait for the device).
+    """
     checks = {
         "lr": (
             lambda v: 0 <= v < math.inf,
@@ -637,15 +662,20 @@ def _check_hyperparameters(settings):
         "max_update": (lambda v: v > 0, "Invalid max_update value: {}; it must be > 0"),
     }
     for key, (valid, message) in checks.items():
-        if key in settings:
-            value = settings[key]
-            number = value.item() if isinstance(value, torch.Tensor) else value
-            if (
-                isinstance(number, bool)
-                or not isinstance(number, (int, float))
-                or not valid(number)
-            ):
-                raise ValueError(message.format(value))
+        if key not in settings:
+            continue
+        value = settings[key]
+        if isinstance(value, torch.Tensor):
+            if not tensors:
+                continue
+            value = value.item()
+        # Any real number (int, float, NumPy scalars), read as a float as the step will.
+        try:
+            number = None if isinstance(value, (bool, str, bytes)) else float(value)
+        except (TypeError, ValueError, OverflowError):
+            number = None
+        if number is None or not valid(number):
+            raise ValueError(message.format(settings[key]))
     if "nonfinite" in settings and settings["nonfinite"] not in NONFINITE_POLICIES:
         raise ValueError(
             f"Invalid nonfinite policy {settings['nonfinite']!r}; choose one of {NONFINITE_POLICIES}"

@@ -198,7 +198,30 @@ def test_zero_state_with_nan_never_reaches_the_parameters(single_process_group):
     opt.load_state_dict(saved)
     first = next(iter(model.parameters()))
     before = first.detach().clone()
-    with pytest.warns(RuntimeWarning, match="optimizer state is not finite"):
+    with pytest.warns(RuntimeWarning, match="state itself is not finite"):
         train_steps(model, opt, 1)
     assert torch.equal(first, before)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("key, value", [("lr", float("inf")), ("weight_decay", -1.0)])
+def test_zero_loaded_group_settings_are_checked_before_anything_moves(
+    single_process_group, key, value
+):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from tests.flatopt.rule_cases import make_model, train_steps
+
+    model = make_model()
+    opt = ZeroRedundancyOptimizer(
+        model.parameters(), optimizer_class=flatopt.LearnedOptimizer, weights="dm-cl"
+    )
+    train_steps(model, opt, 1)
+    opt.consolidate_state_dict(to=0)
+    saved = opt.state_dict()
+    saved["param_groups"][0][key] = value
+    opt.load_state_dict(saved)  # ZeroRedundancyOptimizer copies the groups' settings in
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=key.replace("lr", "learning rate")):
+        train_steps(model, opt, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

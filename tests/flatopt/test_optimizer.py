@@ -4,6 +4,7 @@ Tests taking the ``weights`` fixture run with every update rule (see conftest.py
 about the bundled LSTM releases or the LSTM rule's fused step.
 """
 
+import contextlib
 import copy
 import io
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import flatopt
+from flatopt import native_kernel
 from tests.flatopt.rule_cases import (
     initial_recurrent_state,
     make_model,
@@ -302,29 +304,89 @@ def test_state_that_overflows_the_state_dtype_is_refused_without_change(
     assert _unchanged(model, opt, snapshot)
 
 
+def _corrupt_first_entry(opt, p, value):
+    """Write ``value`` into a parameter's recurrent state past every check, as a user could."""
+    for tensor in recurrent_state(opt, p).values():
+        tensor.view(-1)[tensor.numel() // 2] = value
+
+
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
-def test_state_corrupted_where_no_load_check_sees_it_never_reaches_the_parameters(nonfinite):
-    # A state dict shares its tensors with the optimizer, so writing into one writes into the
-    # other, unchecked.
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch-operators"])
+def test_state_corrupted_where_no_load_check_sees_it_never_moves_the_parameters(
+    weights, nonfinite, value, native
+):
+    # The recurrent networks would squash an infinity into a finite update; the step must still
+    # see that the state is corrupt.
     model = make_model()
     opt = flatopt.LearnedOptimizer(
         [{"params": model[0].parameters()}, {"params": model[2].parameters()}],
-        "dm-cl",
+        weights,
         nonfinite=nonfinite,
     )
     train_steps(model, opt, 1)
-    opt.state_dict()["state"][3]["lstm_state"][0, 0] = float("nan")  # model[2].bias
+    _corrupt_first_entry(opt, model[2].bias, value)
     before = [p.detach().clone() for p in model.parameters()]
+    off = contextlib.nullcontext() if native else native_kernel.disabled()
     if nonfinite == "raise":
-        with pytest.raises(FloatingPointError, match="parameter 1 of its group"):
+        with off, pytest.raises(FloatingPointError, match="state itself is not finite"):
             train_steps(model, opt, 1)
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         return
-    with pytest.warns(RuntimeWarning, match="optimizer state is not finite"):
+    with off, pytest.warns(RuntimeWarning, match="'2.bias'|parameter 1 of its group"):
         train_steps(model, opt, 1)
     changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
     assert changed == [True, True, True, False]
     assert opt.state[model[2].bias]["step"].item() == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_corrupt_global_state_stops_every_update_of_the_scale_rule(weights):
+    if weights == "dm":
+        pytest.skip("the LSTM rule has no global state")
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
+    train_steps(model, opt, 1)
+    opt.state["global_state"]["hidden"][0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="state itself is not finite"):
+        train_steps(model, opt, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_global_state_that_overflows_float32_is_refused(weights):
+    if weights == "dm":
+        pytest.skip("the LSTM rule has no global state")
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
+    train_steps(model, opt, 1)
+    saved = copy.deepcopy(opt.state_dict())
+    hidden = saved["state"]["global_state"]["hidden"].double()
+    hidden[0] = 1e300
+    saved["state"]["global_state"]["hidden"] = hidden
+    snapshot = _snapshot(model, opt)
+    kept = opt.state["global_state"]["hidden"].clone()
+    with pytest.raises(ValueError, match="beyond the range of float32"):
+        opt.load_state_dict(saved)
+    assert _unchanged(model, opt, snapshot)
+    assert torch.equal(opt.state["global_state"]["hidden"], kept)
+
+
+def test_non_contiguous_state_written_past_load_state_dict_still_steps():
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters(), "dm-cl")
+    train_steps(model, opt, 1)
+    for p in model.parameters():
+        state = opt.state[p]["lstm_state"]
+        state_t = state.t().contiguous().t()  # same values, column-major
+        assert not state_t.is_contiguous()
+        opt.state[p]["lstm_state"] = state_t
+    twin = copy.deepcopy(model)
+    reference = flatopt.LearnedOptimizer(twin.parameters(), "dm-cl")
+    reference.load_state_dict(opt.state_dict())
+    train_steps(model, opt, 1)
+    train_steps(twin, reference, 1)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
 
 
 def test_float32_state_written_into_a_bfloat16_optimizer_is_stored_in_bfloat16():
@@ -382,6 +444,8 @@ def test_state_dict_without_a_weights_digest_still_loads_and_gains_one():
         ({"lr": float("inf")}, "learning rate"),
         ({"weight_decay": -0.1}, "weight_decay"),
         ({"weight_decay": float("inf")}, "weight_decay"),
+        ({"lr": 10**400}, "learning rate"),
+        ({"lr": "0.1"}, "learning rate"),
     ],
 )
 def test_invalid_hyperparameters_are_refused(kwargs, message):
@@ -423,3 +487,10 @@ def test_a_subclass_forward_is_honoured_over_the_fused_step():
     plain = make_model()
     train_steps(plain, flatopt.LearnedOptimizer(plain.parameters(), "dm"), 3)
     assert not all(torch.equal(a, b) for a, b in zip(before, plain.parameters()))
+
+
+def test_any_real_number_is_a_valid_learning_rate():
+    numpy = pytest.importorskip("numpy")
+    model = make_model()
+    for lr in (numpy.float32(0.5), numpy.int64(1), 1, torch.tensor(0.5)):
+        train_steps(model, flatopt.LearnedOptimizer(model.parameters(), lr=lr), 1)
