@@ -317,7 +317,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             # torch.distributed's ZeroRedundancyOptimizer copies saved groups' settings in
             # without load_state_dict.
             self._refuse_other_weights(group.get("weights_digest"))
-            _check_hyperparameters(group, tensors=False)
+            _check_hyperparameters(group, device_tensors=False)
 
         work = []
         for index, group in enumerate(self.param_groups):
@@ -366,7 +366,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     f"shape {tuple(expected)}: it was loaded from a state dict of another model "
                     "or update rule; nothing was changed"
                 )
-            if _is_coordinatewise(self.update_rule) and value.dtype != self.state_dtype:
+            if value.dtype != self.state_dtype:
                 state[key] = value = value.to(self.state_dtype)
             if not value.is_contiguous():
                 state[key] = value.contiguous()
@@ -453,7 +453,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         updates = update.split(sizes)
         new_states = [{"lstm_state": s} for s in new_state.split(sizes)]
         # NaN fails the comparison, so this also catches a non-finite update; true for empty tensors.
-        good = [ok & (u.abs() <= group["max_update"]).all() for ok, u in zip(finite, updates)]
+        # The cells would squash an infinite state into a finite update, so the state is checked.
+        good = [
+            ok & _all_finite(s["lstm_state"]) & (u.abs() <= group["max_update"]).all()
+            for ok, s, u in zip(finite, states, updates)
+        ]
         return updates, new_states, good
 
     def _apply_per_tensor(self, rule, group, grads, finite, states):
@@ -482,7 +486,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         entry = self.state.get(GLOBAL_STATE_KEY)
         if entry is None:
             return rule.initial_global_state(device)
-        return entry["hidden"].to(device)
+        return entry["hidden"].to(device, torch.float32)
 
     def _advance_global_state(self, work):
         if _is_coordinatewise(self.update_rule) or not work:
@@ -644,11 +648,11 @@ class _GroupStep:
     unchecked: torch.Tensor = None
 
 
-def _check_hyperparameters(settings, tensors=True):
+def _check_hyperparameters(settings, device_tensors=True):
     """Raise ``ValueError`` for an invalid setting among those present.
 
-    Groups may rely on the defaults. ``tensors=False`` leaves tensor settings unchecked (reading
-    one on an accelerator would wait for the device).
+    Groups may rely on the defaults. ``device_tensors=False`` leaves settings held in tensors off
+    the CPU unchecked (reading one would wait for the device).
     """
     checks = {
         "lr": (
@@ -666,7 +670,9 @@ def _check_hyperparameters(settings, tensors=True):
             continue
         value = settings[key]
         if isinstance(value, torch.Tensor):
-            if not tensors:
+            if value.numel() != 1:
+                raise ValueError(message.format(value) + " (a tensor setting holds one number)")
+            if not device_tensors and value.device.type != "cpu":
                 continue
             value = value.item()
         # Any real number (int, float, NumPy scalars), read as a float as the step will.

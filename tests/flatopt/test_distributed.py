@@ -204,7 +204,10 @@ def test_zero_state_with_nan_never_reaches_the_parameters(single_process_group):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("key, value", [("lr", float("inf")), ("weight_decay", -1.0)])
+@pytest.mark.parametrize(
+    "key, value",
+    [("lr", float("inf")), ("lr", torch.tensor(float("nan"))), ("weight_decay", -1.0)],
+)
 def test_zero_loaded_group_settings_are_checked_before_anything_moves(
     single_process_group, key, value
 ):

@@ -446,6 +446,7 @@ def test_state_dict_without_a_weights_digest_still_loads_and_gains_one():
         ({"weight_decay": float("inf")}, "weight_decay"),
         ({"lr": 10**400}, "learning rate"),
         ({"lr": "0.1"}, "learning rate"),
+        ({"lr": torch.tensor([0.1, 0.2])}, "learning rate"),
     ],
 )
 def test_invalid_hyperparameters_are_refused(kwargs, message):
@@ -487,6 +488,41 @@ def test_a_subclass_forward_is_honoured_over_the_fused_step():
     plain = make_model()
     train_steps(plain, flatopt.LearnedOptimizer(plain.parameters(), "dm"), 3)
     assert not all(torch.equal(a, b) for a, b in zip(before, plain.parameters()))
+
+
+def test_a_subclass_forward_skips_a_tensor_whose_state_is_infinite():
+    class Rule(flatopt.LSTMUpdateRule):
+        def forward(self, grad, state):
+            return super().forward(grad, state)
+
+    rule = Rule()
+    rule.load_state_dict(flatopt.load_release("dm")[0].state_dict())
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters(), rule)
+    train_steps(model, opt, 1)
+    opt.state[model[2].bias]["lstm_state"][0, 20] = float("inf")
+    before = model[2].bias.detach().clone()
+    with pytest.warns(RuntimeWarning, match="parameter 3 of its group"):
+        train_steps(model, opt, 1)
+    assert torch.equal(model[2].bias, before)
+
+
+def test_state_of_another_dtype_written_past_load_state_dict_is_stored_in_the_state_dtype(
+    weights,
+):
+    # As ZeroRedundancyOptimizer loads a state dict saved in float64.
+    model = make_model()
+    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
+    train_steps(model, opt, 1)
+    for p in model.parameters():
+        for key, value in recurrent_state(opt, p).items():
+            opt.state[p][key] = value.double()
+    if "global_state" in opt.state:
+        opt.state["global_state"]["hidden"] = opt.state["global_state"]["hidden"].double()
+    train_steps(model, opt, 1)
+    for p in model.parameters():
+        assert all(v.dtype == torch.float32 for v in recurrent_state(opt, p).values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_any_real_number_is_a_valid_learning_rate():
