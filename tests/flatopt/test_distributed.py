@@ -182,18 +182,25 @@ def test_zero_state_saved_with_other_weights_is_refused_before_anything_moves(
     train_steps(model, same, 1)
 
 
-def test_zero_state_with_nan_never_reaches_the_parameters(single_process_group):
+def _stepped_zero(weights="dm-cl"):
+    """A model, ZeroRedundancyOptimizer over LearnedOptimizer after one step, and its state dict."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     from tests.flatopt.rule_cases import make_model, train_steps
 
     model = make_model()
     opt = ZeroRedundancyOptimizer(
-        model.parameters(), optimizer_class=flatopt.LearnedOptimizer, weights="dm-cl"
+        model.parameters(), optimizer_class=flatopt.LearnedOptimizer, weights=weights
     )
     train_steps(model, opt, 1)
     opt.consolidate_state_dict(to=0)
-    saved = opt.state_dict()
+    return model, opt, opt.state_dict()
+
+
+def test_zero_state_with_nan_never_reaches_the_parameters(single_process_group):
+    from tests.flatopt.rule_cases import train_steps
+
+    model, opt, saved = _stepped_zero()
     saved["state"][0]["lstm_state"][:] = float("nan")
     opt.load_state_dict(saved)
     first = next(iter(model.parameters()))
@@ -211,17 +218,9 @@ def test_zero_state_with_nan_never_reaches_the_parameters(single_process_group):
 def test_zero_loaded_group_settings_are_checked_before_anything_moves(
     single_process_group, key, value
 ):
-    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from tests.flatopt.rule_cases import train_steps
 
-    from tests.flatopt.rule_cases import make_model, train_steps
-
-    model = make_model()
-    opt = ZeroRedundancyOptimizer(
-        model.parameters(), optimizer_class=flatopt.LearnedOptimizer, weights="dm-cl"
-    )
-    train_steps(model, opt, 1)
-    opt.consolidate_state_dict(to=0)
-    saved = opt.state_dict()
+    model, opt, saved = _stepped_zero()
     saved["param_groups"][0][key] = value
     opt.load_state_dict(saved)  # ZeroRedundancyOptimizer copies the groups' settings in
     before = [p.detach().clone() for p in model.parameters()]

@@ -341,12 +341,19 @@ def test_state_corrupted_where_no_load_check_sees_it_never_moves_the_parameters(
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_corrupt_global_state_stops_every_update_of_the_scale_rule(weights):
+@pytest.fixture
+def stepped_scale(weights):
+    """A model and a LearnedOptimizer with a Scale rule after one step; the LSTM rule skips."""
     if weights == "dm":
         pytest.skip("the LSTM rule has no global state")
     model = make_model()
     opt = flatopt.LearnedOptimizer(model.parameters(), weights)
     train_steps(model, opt, 1)
+    return model, opt
+
+
+def test_a_corrupt_global_state_stops_every_update_of_the_scale_rule(stepped_scale):
+    model, opt = stepped_scale
     opt.state["global_state"]["hidden"][0] = float("inf")
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.warns(RuntimeWarning, match="state itself is not finite"):
@@ -354,12 +361,8 @@ def test_a_corrupt_global_state_stops_every_update_of_the_scale_rule(weights):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_a_global_state_that_overflows_float32_is_refused(weights):
-    if weights == "dm":
-        pytest.skip("the LSTM rule has no global state")
-    model = make_model()
-    opt = flatopt.LearnedOptimizer(model.parameters(), weights)
-    train_steps(model, opt, 1)
+def test_a_global_state_that_overflows_float32_is_refused(stepped_scale):
+    model, opt = stepped_scale
     saved = copy.deepcopy(opt.state_dict())
     hidden = saved["state"]["global_state"]["hidden"].double()
     hidden[0] = 1e300
