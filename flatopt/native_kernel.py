@@ -516,7 +516,8 @@ def _build_guard(name):
 
         folder = cpp_extension._get_build_directory(name, False)
         handle = open(os.path.join(folder, "flatopt.lock"), "a")  # noqa: SIM115 (held below)
-    except Exception:  # noqa: BLE001 (a private helper of torch's, a read-only folder: build as torch does)
+    # A private helper of torch's may change, a folder may be read-only: build as torch does.
+    except Exception:  # noqa: BLE001
         yield
         return
     with handle:

@@ -255,17 +255,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"{sorted(['step', *shapes])}: this state dict was not saved by a LearnedOptimizer "
                 "with this update rule"
             )
-        stored = {}
-        for key, expected in shapes.items():
-            what = f"optimizer state of parameter {index} (shape {tuple(p.shape)}) holds a {key}"
-            _check_state_tensor(entry[key], expected, what)
-            # A finite float64 value can overflow float32, and a float32 one bfloat16.
-            stored[key] = entry[key].to(self.state_dtype)
-            if not _all_finite(stored[key]):
-                raise ValueError(
-                    f"{what} with values beyond the range of {self.state_dtype}, the state dtype of "
-                    "this optimizer"
-                )
+        stored = {
+            key: _checked_state_tensor(
+                entry[key],
+                expected,
+                f"optimizer state of parameter {index} (shape {tuple(p.shape)}) holds a {key}",
+                self.state_dtype,
+            )
+            for key, expected in shapes.items()
+        }
         step = entry["step"]
         if (
             not isinstance(step, torch.Tensor)
@@ -290,12 +288,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"the {GLOBAL_STATE_KEY!r} entry of this state dict is not a dict with the key "
                 "'hidden': it was not saved by a LearnedOptimizer with this update rule"
             )
-        what = "the global state holds a tensor"
-        _check_state_tensor(entry["hidden"], self.update_rule.global_state_shape, what)
-        hidden = entry["hidden"].to(torch.float32)
-        if not _all_finite(hidden):
-            raise ValueError(f"{what} with values beyond the range of float32")
-        return hidden
+        return _checked_state_tensor(
+            entry["hidden"],
+            self.update_rule.global_state_shape,
+            "the global state holds a tensor",
+            torch.float32,
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -709,8 +707,9 @@ def _state_shapes(update_rule, num_coordinates):
     return {"lstm_state": (num_coordinates, update_rule.state_size)}
 
 
-def _check_state_tensor(value, expected, what):
-    """Raise ``ValueError`` unless ``value`` is a finite floating tensor of shape ``expected``."""
+def _checked_state_tensor(value, expected, what, dtype):
+    """Return ``value`` as ``dtype``, after checking it is a finite floating tensor of shape
+    ``expected`` that stays finite in ``dtype``; raise ``ValueError`` otherwise."""
     if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(expected):
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(
@@ -719,6 +718,11 @@ def _check_state_tensor(value, expected, what):
         )
     if not value.is_floating_point() or not torch.isfinite(value).all():
         raise ValueError(f"{what} that is not finite floating point")
+    # A finite float64 value can overflow float32, and a float32 one bfloat16.
+    stored = value.to(dtype)
+    if not _all_finite(stored):
+        raise ValueError(f"{what} with values beyond the range of {dtype}")
+    return stored
 
 
 def _capturing():

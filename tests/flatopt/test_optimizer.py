@@ -369,7 +369,7 @@ def test_a_global_state_that_overflows_float32_is_refused(stepped_scale):
     saved["state"]["global_state"]["hidden"] = hidden
     snapshot = _snapshot(model, opt)
     kept = opt.state["global_state"]["hidden"].clone()
-    with pytest.raises(ValueError, match="beyond the range of float32"):
+    with pytest.raises(ValueError, match="beyond the range of torch.float32"):
         opt.load_state_dict(saved)
     assert _unchanged(model, opt, snapshot)
     assert torch.equal(opt.state["global_state"]["hidden"], kept)
